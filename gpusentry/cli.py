@@ -1,0 +1,163 @@
+"""The ``gpusentry`` command.
+
+Exit codes scripts can rely on (also in the README):
+
+* 0  success
+* 1  the command ran and failed (broker unreachable, an output refused, ...)
+* 2  bad usage or bad configuration (the message names the fix)
+* 3  the command is not available in this build yet
+* 4  ``replay --strict``: the input held lines that were rejected
+* 130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from gpusentry import __version__
+from gpusentry.config import Config, ConfigError, config_docs, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_YET, EXIT_REJECTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+app = typer.Typer(
+    name="gpusentry",
+    help="Streaming detection of GPU and compute hijacking (covert cryptocurrency mining) on GPU fleets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check, show and document the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (default: $GPUSENTRY_CONFIG or ./gpusentry.toml).",
+                 show_default=False),
+]
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def not_yet(command: str, issue: str) -> NoReturn:
+    fail(f"`gpusentry {command}` is not available in this build yet ({issue}).", EXIT_NOT_YET)
+
+
+def setup(config_path: Path | None) -> Config:
+    """Load the configuration (exit 2 with the fix on error) and configure logging."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    configure_logging(cfg)
+    return cfg
+
+
+def configure_logging(cfg: Config) -> None:
+    if cfg.logging.format == "json":
+        fmt = '{"@timestamp":"%(asctime)s","log.level":"%(levelname)s","log.logger":"%(name)s","message":%(message)r}'
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=cfg.logging.level, format=fmt, stream=sys.stderr, force=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the gpusentry version and the event contract version."""
+    from gpusentry.contract import CONTRACT_VERSION, ECS_VERSION
+
+    typer.echo(f"gpusentry {__version__} (event contract v{CONTRACT_VERSION}, ECS {ECS_VERSION})")
+
+
+@app.command()
+def up(config: ConfigOption = None,
+       demo: Annotated[bool, typer.Option(help="Also inject a simulated hijack on a simulated host.")] = False) -> None:
+    """Run everything on this machine: embedded broker, worker, local agent, live incident view."""
+    setup(config)
+    not_yet("up", "the streaming pipeline is being built")
+
+
+@app.command()
+def agent(config: ConfigOption = None) -> None:
+    """Run the host agent: collect GPU, process, network and DNS events and publish them."""
+    setup(config)
+    not_yet("agent", "the host agent is being built")
+
+
+@app.command()
+def worker(config: ConfigOption = None) -> None:
+    """Run a stream worker: detection on the event topics, incidents to the alerts topic."""
+    setup(config)
+    not_yet("worker", "the streaming pipeline is being built")
+
+
+@app.command()
+def simulate(config: ConfigOption = None) -> None:
+    """Write labelled fleet scenarios (benign work and hijacks) as contract events."""
+    setup(config)
+    not_yet("simulate", "the scenario simulator is being built")
+
+
+@app.command()
+def replay(
+    files: Annotated[list[Path], typer.Argument(help="JSONL or .jsonl.gz event files, one event per line.",
+                                                exists=True, dir_okay=False, readable=True)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write alerts here (JSONL); default stdout.")] = None,
+    strict: Annotated[bool, typer.Option(help="Exit 4 when any line was rejected.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Run the detectors over event files and print the alerts as JSONL."""
+    from gpusentry.replay import run_replay
+
+    cfg = setup(config)
+    summary = run_replay(files, cfg, out=out, progress_console=err)
+    err.print(summary.describe(), highlight=False)
+    if strict and summary.rejected:
+        raise typer.Exit(EXIT_REJECTS)
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate the configuration and exit 0, or list every problem and exit 2."""
+    setup(config)
+    typer.echo("configuration is valid")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective configuration as JSON (secrets masked)."""
+    cfg = setup(config)
+    typer.echo(cfg.model_dump_json(indent=2))
+
+
+@config_app.command("docs")
+def config_docs_cmd(out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None
+                    ) -> None:
+    """Print the Markdown reference of every option (docs/config.md)."""
+    text = config_docs()
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
+    else:
+        typer.echo(text)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The command line: help everywhere, reliable exit codes, replay of JSONL and gzip files."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from gpusentry import __version__
+from gpusentry import contract as c
+from gpusentry.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args", [[], ["up"], ["agent"], ["worker"], ["replay"], ["simulate"], ["version"],
+                                  ["config"], ["config", "check"]])
+def test_help_everywhere(args):
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output and "contract v1" in result.output
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "gpusentry.cli", "version"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.startswith("gpusentry ")
+
+
+def test_bad_config_exits_2_with_the_fix(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[agent]\ninterval = 5\n")
+    result = runner.invoke(app, ["config", "check", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "did you mean 'interval_s'" in result.output
+
+
+def test_unknown_option_is_a_usage_error():
+    assert runner.invoke(app, ["version", "--bogus"]).exit_code == 2
+
+
+def test_replay_reports_bad_lines_with_numbers_and_goes_on(tmp_path):
+    good = [c.dns_event("h1", 1_790_000_000 + i, question="a.example", resolved_ips=["10.0.0.1"]) for i in range(3)]
+    path = tmp_path / "events.jsonl.gz"
+    lines = [orjson.dumps(good[0]), b"{broken", b"", orjson.dumps(good[1]), b'{"host": {"name": "x"}}',
+             orjson.dumps(good[2])]
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+    result = runner.invoke(app, ["replay", str(path), "--out", str(tmp_path / "alerts.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert f"{path}:2: rejected: not valid JSON" in result.output
+    assert f"{path}:5: rejected: required field '@timestamp' is missing" in result.output
+    assert "3 events read, 2 rejected" in result.output
+    strict = runner.invoke(app, ["replay", "--strict", str(path), "--out", str(tmp_path / "a.jsonl")])
+    assert strict.exit_code == 4
+
+
+def test_replay_missing_file_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["replay", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2
