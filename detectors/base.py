@@ -1,0 +1,102 @@
+"""What every detector is: metadata as class attributes, a ``process`` method, examples beside it.
+
+A detector is plain Python (no faust, no I/O, no wall clock).  Its state is **per host**:
+``new_state()`` makes an empty one and the engine keeps one per host and detector, so a host's
+whole detection state can be checkpointed and moved between workers on its own
+(:meth:`detectors.engine.Engine.snapshot_host`).  Everything in a state object must pickle.
+
+``process(event, state)`` sees one validated contract event of a dataset the detector declared
+and returns the :class:`Finding` objects it raises (usually none).  Findings are signals, not
+alerts: the correlator (:mod:`detectors.correlation`) turns a host's findings into one incident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from gpusentry.contract import Dataset
+from gpusentry.settings.detection import DetectionSettings
+
+SEVERITIES = ("low", "medium", "high", "critical")
+SEVERITY_SCORE = {"low": 25, "medium": 50, "high": 75, "critical": 95}
+
+
+class Signal:
+    """Correlation classes: independent kinds of evidence a hijack leaves on a host."""
+
+    MINER_PROCESS = "miner_process"  # a process that is a miner by name, flags or config
+    SUSPICIOUS_PROCESS = "suspicious_process"  # odd path, masquerading, service spawning shells
+    POOL = "pool"  # contact with a known mining pool (DNS, SNI, domain, IP)
+    PROTOCOL = "protocol"  # a mining protocol in a flow payload
+    GPU_SIGNATURE = "gpu_signature"  # a GPU behaving like a miner
+    GPU_ANOMALY = "gpu_anomaly"  # a GPU behaving unlike its own normal
+    GPU_UNOWNED = "gpu_unowned"  # GPU work that no known job or allowed service owns
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One detector's verdict on one event."""
+
+    rule_id: str
+    signal: str
+    severity: str  # low | medium | high | critical
+    message: str  # one line, for the evidence list
+    event_id: str
+    timestamp: float  # event time of the evidence
+    score: float = 1.0  # confidence 0..1
+    technique: str = "T1496"  # MITRE ATT&CK: T1496 Resource Hijacking, T1496.001 Compute Hijacking
+    # ECS fields the incident should carry (dotted paths): gpu.index, gpu.uuid, process.*, destination.*, ...
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Example:
+    """A named example: run ``events`` through a fresh detector; ``hit`` says whether it must raise."""
+
+    name: str
+    hit: bool
+    events: list[dict[str, Any]]
+
+
+class Detector:
+    """Base class.  Subclasses set the metadata and implement :meth:`process`."""
+
+    id: ClassVar[str]
+    title: ClassVar[str]
+    description: ClassVar[str]
+    severity: ClassVar[str]
+    technique: ClassVar[str] = "T1496"  # MITRE ATT&CK Resource Hijacking
+    references: ClassVar[tuple[str, ...]] = ()
+    datasets: ClassVar[frozenset[Dataset]]
+    signal: ClassVar[str]
+    examples: ClassVar[list[Example]] = []
+
+    def __init__(self, settings: DetectionSettings | None = None) -> None:
+        self.settings = settings or DetectionSettings()
+
+    def new_state(self) -> Any:
+        """Empty per-host state (``None`` for stateless detectors)."""
+        return None
+
+    def process(self, event: dict[str, Any], state: Any) -> Iterable[Finding]:
+        raise NotImplementedError
+
+    def finding(self, event: Mapping[str, Any], message: str, *, timestamp: float, score: float = 1.0,
+                severity: str | None = None, fields: Mapping[str, Any] | None = None) -> Finding:
+        """Build a finding for ``event`` with this detector's metadata."""
+        return Finding(rule_id=self.id, signal=self.signal, severity=severity or self.severity, message=message,
+                       event_id=event["event"]["id"], timestamp=timestamp, score=score, technique=self.technique,
+                       fields=dict(fields or {}))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "abstract", False) or cls.__dict__.get("abstract", False):
+            return
+        missing = [a for a in ("id", "title", "description", "severity", "datasets", "signal")
+                   if not hasattr(cls, a)]
+        if missing:
+            raise TypeError(f"detector {cls.__name__} lacks {', '.join(missing)}")
+        if cls.severity not in SEVERITIES:
+            raise TypeError(f"detector {cls.__name__}: severity {cls.severity!r} not in {SEVERITIES}")

@@ -1,0 +1,1 @@
+"""Detectors on GPU samples: online river models, the mining signature, drift, unowned GPU work."""

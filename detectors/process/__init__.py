@@ -1,0 +1,1 @@
+"""Detectors on process events: miners by name, flags and config, odd paths, masquerading, abused services."""
