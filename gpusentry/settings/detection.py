@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from gpusentry.settings.base import Section
+from gpusentry.settings.gpu_detection import GpuDetectionSettings
 
 
 class PricingSettings(Section):
@@ -31,3 +32,5 @@ class DetectionSettings(Section):
         "severity changes are published at once.")
     max_evidence: int = Field(50, ge=1, le=1000, description="Evidence entries kept per incident (first and latest).")
     pricing: PricingSettings = Field(default_factory=PricingSettings, description="Cost of stolen GPU time.")
+    gpu: GpuDetectionSettings = Field(default_factory=GpuDetectionSettings,
+                                      description="GPU behaviour models, mining signature and GPU ownership.")
