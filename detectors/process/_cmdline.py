@@ -1,0 +1,142 @@
+"""Reading process events the way a shell would: argument vectors, shell scripts, paths.
+
+Shared by the process detectors.  Nothing here raises on odd input: a command line that
+``shlex`` cannot split (unbalanced quotes, truncated by the agent) falls back to whitespace.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ash", "ksh", "busybox", "fish", "tcsh", "csh"})
+DOWNLOADERS = frozenset({"curl", "wget", "fetch", "aria2c", "tftp", "ftp", "scp", "rsync", "nc", "ncat",
+                         "netcat", "socat", "busybox-wget"})
+# Programs that only read, search, edit or fetch text: their arguments *mention* miners, they do not run them.
+TEXT_TOOLS = frozenset({
+    "grep", "egrep", "fgrep", "rg", "ag", "ack", "zgrep", "less", "more", "cat", "bat", "tail", "head", "vi",
+    "vim", "nvim", "nano", "emacs", "code", "ed", "sed", "awk", "gawk", "find", "locate", "ls", "file", "stat",
+    "echo", "printf", "man", "strings", "wc", "sort", "uniq", "diff", "journalctl", "pip", "pip3", "apt",
+    "apt-get", "apt-cache", "dpkg", "yum", "dnf", "rpm", "git", "docker", "kubectl", "jq", "yq", "tar", "unzip",
+    "zip", "gzip", "md5sum", "sha256sum", "clamscan", "yara", "rm", "mv", "cp", "chmod", "chown", "pgrep",
+    "pkill", "kill", "killall", "ps", "top", "htop", "lsof", "strace", "which", "whereis", "type", "test",
+})
+_SPLIT_OPERATORS = {"|", "||", "&&", ";", "&", "(", ")", "\n"}
+
+STAGING_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/", "/run/shm/", "/dev/mqueue/")
+# Hidden directories that ordinary tooling installs executables into; the rest are odd places to run from.
+COMMON_HIDDEN_DIRS = frozenset({
+    ".local", ".venv", ".conda", ".pyenv", ".cargo", ".rustup", ".nvm", ".npm", ".yarn", ".bun", ".deno",
+    ".vscode-server", ".cursor-server", ".vscode", ".sdkman", ".virtualenvs", ".poetry", ".pixi", ".rye",
+    ".jupyter", ".ipython", ".cache", ".config", ".mamba", ".micromamba", ".juliaup", ".julia", ".go",
+    ".pulumi", ".docker", ".kube", ".krew", ".linuxbrew", ".git", ".tox", ".nox", ".uv", ".asdf", ".volta",
+    ".dotnet", ".gradle", ".m2", ".sbt", ".ivy2", ".modular", ".triton", ".nv",
+})
+_SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/", "/snap/", "/nix/store/",
+                "/var/lib/", "/etc/")
+
+
+def basename(path: str | None) -> str:
+    return path.rsplit("/", 1)[-1] if path else ""
+
+
+def split(command_line: str) -> list[str]:
+    try:
+        return shlex.split(command_line, posix=True)
+    except ValueError:
+        return command_line.split()
+
+
+def argv(process: Mapping[str, Any]) -> list[str]:
+    """The argument vector: ``process.args`` when the agent sent it, else the split command line."""
+    args = process.get("args")
+    if isinstance(args, list) and args and all(isinstance(a, str) for a in args):
+        return list(args)
+    line = process.get("command_line")
+    if isinstance(line, str) and line:
+        return split(line)
+    name = process.get("executable") or process.get("name")
+    return [name] if isinstance(name, str) else []
+
+
+def _script_of(args: list[str]) -> str | None:
+    """The script of ``sh -c SCRIPT`` (also ``bash -lc``, ``busybox sh -c``), else None."""
+    if not args or basename(args[0]) not in SHELLS:
+        return None
+    for i, a in enumerate(args[1:], 1):
+        if a.startswith("-") and not a.startswith("--") and "c" in a[1:] and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def segments(args: list[str], depth: int = 0) -> list[list[str]]:
+    """Simple commands this process runs: itself, or each command of its ``-c`` script."""
+    script = _script_of(args)
+    if script is None or depth > 3:
+        return [args] if args else []
+    try:
+        lex = shlex.shlex(script, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        tokens = list(lex)
+    except ValueError:
+        tokens = script.split()
+    out: list[list[str]] = []
+    current: list[str] = []
+    for tok in tokens:
+        if tok in _SPLIT_OPERATORS or set(tok) <= set("|&;()"):
+            if current:
+                out.append(current)
+            current = []
+        else:
+            current.append(tok)
+    if current:
+        out.append(current)
+    nested: list[list[str]] = []
+    for seg in out:
+        # Skip leading wrappers and variable assignments (sudo, nohup, env X=1, exec ...).
+        while seg and (seg[0] in ("sudo", "nohup", "exec", "env", "nice", "setsid", "timeout", "stdbuf")
+                       or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", seg[0])):
+            seg = seg[1:]
+        if seg:
+            nested.extend(segments(seg, depth + 1))
+    return nested
+
+
+def is_text_tool(args: list[str]) -> bool:
+    return bool(args) and basename(args[0]).lower() in TEXT_TOOLS
+
+
+def staging_dir(path: str | None) -> str | None:
+    """The world-writable staging directory ``path`` lives in (/tmp, /dev/shm, ...), if any."""
+    if not path:
+        return None
+    for prefix in STAGING_DIRS:
+        if path.startswith(prefix):
+            return prefix.rstrip("/")
+    return None
+
+
+def odd_hidden_dir(path: str | None) -> str | None:
+    """The first hidden directory in ``path`` that ordinary tooling does not use, if any."""
+    if not path:
+        return None
+    for part in path.split("/")[:-1]:
+        if part.startswith(".") and part not in (".", "..") and part not in COMMON_HIDDEN_DIRS:
+            return part
+    return None
+
+
+def in_system_dir(path: str | None) -> bool:
+    return bool(path) and path.startswith(_SYSTEM_DIRS)  # type: ignore[union-attr]
+
+
+def process_fields(event: Mapping[str, Any]) -> dict[str, Any]:
+    """ECS fields an incident should carry about the process of a process event."""
+    p = event.get("process") or {}
+    parent = p.get("parent") or {}
+    return {"process.pid": p.get("pid"), "process.name": p.get("name"), "process.executable": p.get("executable"),
+            "process.command_line": p.get("command_line"), "process.parent.pid": parent.get("pid"),
+            "process.parent.name": parent.get("name"), "user.name": (event.get("user") or {}).get("name"),
+            "container.id": (event.get("container") or {}).get("id")}
