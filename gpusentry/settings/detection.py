@@ -8,6 +8,7 @@ from pydantic import Field
 
 from gpusentry.settings.base import Section
 from gpusentry.settings.gpu_detection import GpuDetectionSettings
+from gpusentry.settings.pools import PoolSettings
 
 
 class PricingSettings(Section):
@@ -34,3 +35,5 @@ class DetectionSettings(Section):
     pricing: PricingSettings = Field(default_factory=PricingSettings, description="Cost of stolen GPU time.")
     gpu: GpuDetectionSettings = Field(default_factory=GpuDetectionSettings,
                                       description="GPU behaviour models, mining signature and GPU ownership.")
+    pools: PoolSettings = Field(default_factory=PoolSettings,
+                                description="Mining-pool intelligence: the pool list and how it matches.")
