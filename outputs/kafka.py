@@ -1,0 +1,75 @@
+"""Kafka: the alert itself (ECS JSON) on a topic for downstream consumers, and the dead-letter sink.
+
+Both use one aiokafka producer with ``acks=all``; a send counts only once the broker confirmed it.
+The producer is not idempotent on purpose: an idempotent producer cannot recover from a broker that
+lost its state (the embedded broker keeps everything in memory), and the forwarder is at-least-once
+anyway, so consumers dedupe on ``event.id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from gpusentry.settings.kafka import KafkaSettings
+from gpusentry.settings.outputs import KafkaOutputSettings
+from outputs.base import Alert, DeliveryError, Output, dedup_key
+
+
+def make_producer(kafka: KafkaSettings, bootstrap_servers: str | None = None) -> AIOKafkaProducer:
+    servers = bootstrap_servers or kafka.bootstrap_servers
+    if not servers:
+        raise ValueError("kafka.bootstrap_servers is empty: set it (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS) "
+                         "or run the forwarder inside `gpusentry up`")
+    extra: dict[str, Any] = {} if bootstrap_servers else kafka.aiokafka_config()
+    return AIOKafkaProducer(bootstrap_servers=servers, client_id=f"{kafka.client_id}-forwarder", acks="all",
+                            enable_idempotence=False, linger_ms=5, **extra)
+
+
+class KafkaOutput(Output):
+    kind = "kafka"
+    max_batch = 500
+
+    def __init__(self, settings: KafkaOutputSettings, kafka: KafkaSettings, name: str | None = None) -> None:
+        super().__init__(settings, name)
+        self.settings = settings
+        self.producer = make_producer(kafka, settings.bootstrap_servers or None)
+        self._started = False
+
+    async def send(self, batch: Sequence[Alert]) -> None:
+        if not self._started:
+            await self.producer.start()
+            self._started = True
+        try:
+            futures = [await self.producer.send(self.settings.topic, orjson.dumps(a), key=dedup_key(a).encode())
+                       for a in batch]
+            for fut in futures:
+                await fut
+        except KafkaError as exc:
+            raise DeliveryError(f"Kafka topic {self.settings.topic}: {type(exc).__name__}: {exc}",
+                                retryable=bool(getattr(exc, "retriable", True))) from None
+
+    async def close(self) -> None:
+        if self._started:
+            await self.producer.stop()
+            self._started = False
+
+    def secrets(self) -> Iterable[str]:
+        return ()
+
+
+class KafkaDeadLetterSink:
+    """Writes dead letters to ``topics.deadletter`` and waits for the broker's confirmation."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.sent = 0
+
+    async def send(self, record: dict[str, Any], key: str) -> None:
+        await self.producer.send_and_wait(self.topic, orjson.dumps(record), key=key.encode() if key else None)
+        self.sent += 1

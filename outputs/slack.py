@@ -1,0 +1,193 @@
+"""Slack: Block Kit messages through an incoming webhook, or through chat.postMessage with a bot token.
+
+Block Kit limits the message is built to (checked by :func:`check_blocks` before sending): at most 50
+blocks, a header's plain text at most 150 characters, a section's text at most 3,000, at most 10 section
+fields of at most 2,000 each; plus a ``text`` fallback for notifications and screen readers.  Text is
+mrkdwn with ``&``, ``<`` and ``>`` escaped, as Slack requires.
+
+**Threads.**  Incoming webhooks cannot thread: Slack returns no message ``ts`` to reply to, so in
+``webhook`` mode every update of an incident is a new message that carries the incident's dedup key.
+In ``bot`` mode the first message of an incident is remembered (dedup key to ``ts``) and its updates
+and resolution are replies in that thread (the resolution also shown in the channel).  The map lives
+in memory: after a forwarder restart an incident's next update starts a new thread.
+
+Slack allows one message per second per webhook (the default ``rate_per_s = 1``) and answers 429
+with ``Retry-After``.  Webhook errors come back as plain text (``invalid_payload``, ``invalid_blocks``,
+``channel_not_found``, ``channel_is_archived``, ``action_prohibited``, ``no_service``); the Web API
+answers HTTP 200 with ``{"ok": false, "error": ...}``.  Both end up verbatim in the dead letter.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import httpx
+
+from gpusentry.contract import get
+from gpusentry.settings.outputs import SlackOutputSettings, read_secret
+from outputs.base import Alert, Clock, DeliveryError, Output, dedup_key, first, severity, status, truncate
+from outputs.http import check_response, make_client
+
+MAX_BLOCKS = 50
+HEADER_LIMIT = 150
+SECTION_TEXT_LIMIT = 3000
+FIELD_LIMIT = 2000
+MAX_FIELDS = 10
+FALLBACK_LIMIT = 3000
+THREADS_KEPT = 10_000
+SEVERITY_ICON = {"low": ":large_blue_circle:", "medium": ":large_yellow_circle:", "high": ":large_orange_circle:",
+                 "critical": ":red_circle:"}
+# Web API errors worth retrying; every other error is about the request or the token.
+RETRYABLE_API_ERRORS = {"internal_error", "fatal_error", "service_unavailable", "request_timeout", "ratelimited"}
+
+
+def escape(text: Any) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _field(label: str, value: Any) -> dict[str, str]:
+    return {"type": "mrkdwn", "text": truncate(f"*{label}*\n{escape(value)}", FIELD_LIMIT)}
+
+
+def build_message(alert: Alert) -> dict[str, Any]:
+    """The Block Kit message for one alert (``text`` fallback + ``blocks``)."""
+    sev, state, host, key = severity(alert), status(alert), get(alert, "host.name") or "?", dedup_key(alert)
+    verb = "RESOLVED" if state == "resolved" else sev.upper()
+    title = truncate(f"{verb}: {get(alert, 'rule.name') or 'GPU/compute hijacking'} on {host}", HEADER_LIMIT)
+    message = str(get(alert, "message") or "")
+    cost = get(alert, "gpusentry.alert.cost") or {}
+    fields = [
+        _field("Severity", f"{sev} ({get(alert, 'event.severity')})"),
+        _field("Status", state),
+        _field("Host", host),
+        _field("Rules", ", ".join(get(alert, "gpusentry.alert.rules") or [get(alert, "rule.id")])),
+    ]
+    optional = [
+        ("Process", first(alert, "process.command_line", "process.executable", "process.name")),
+        ("Destination", _destination(alert)),
+        ("GPU", first(alert, "gpu.uuid")),
+        ("User", first(alert, "user.name")),
+        ("Cost so far", f"{cost.get('gpu_seconds', 0) / 3600:.2f} GPU-h, ${cost.get('usd', 0):.2f}, "
+                        f"{cost.get('energy_kwh', 0):.3f} kWh" if cost else None),
+    ]
+    fields += [_field(label, value) for label, value in optional if value is not None]
+    fields.append(_field("Dedup key", key))
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": title, "emoji": True}},
+        {"type": "section", "text": {"type": "mrkdwn",
+                                     "text": truncate(f"{SEVERITY_ICON[sev]} {escape(message)}", SECTION_TEXT_LIMIT)}},
+        {"type": "section", "fields": fields[:MAX_FIELDS]},
+    ]
+    evidence = [e for e in get(alert, "gpusentry.alert.evidence") or [] if isinstance(e, dict)]
+    if evidence:
+        lines = [f"• `{escape(e.get('@timestamp'))}` *{escape(e.get('rule.id'))}* ({escape(e.get('severity'))}): "
+                 f"{escape(e.get('summary'))}" for e in evidence]
+        text = "*Evidence*\n" + "\n".join(lines)
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": truncate(text, SECTION_TEXT_LIMIT)}})
+    technique = first(alert, "threat.technique.subtechnique.id", "threat.technique.id")
+    context = f"gpusentry · event time {get(alert, '@timestamp')} · MITRE ATT&CK {technique or 'T1496'}"
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": escape(context)}]})
+    fallback = truncate(f"[{verb}] {message} (incident {key})", FALLBACK_LIMIT)
+    return {"text": fallback, "blocks": blocks[:MAX_BLOCKS]}
+
+
+def _destination(alert: Alert) -> str | None:
+    ip, port, domain = (first(alert, "destination.ip"), first(alert, "destination.port"),
+                        first(alert, "destination.domain"))
+    if ip is None and domain is None:
+        return None
+    where = domain or ip
+    return f"{where}:{port}" if port is not None else str(where)
+
+
+def check_blocks(message: dict[str, Any]) -> list[str]:
+    """Every Block Kit rule ``message`` breaks (empty when it is valid)."""
+    problems = []
+    blocks = message.get("blocks", [])
+    if not message.get("text"):
+        problems.append("no text fallback")
+    if len(blocks) > MAX_BLOCKS:
+        problems.append(f"{len(blocks)} blocks > {MAX_BLOCKS}")
+    for i, block in enumerate(blocks):
+        text = block.get("text", {}).get("text", "")
+        if block["type"] == "header" and (len(text) > HEADER_LIMIT or block["text"]["type"] != "plain_text"):
+            problems.append(f"block {i}: header must be plain_text ≤ {HEADER_LIMIT}")
+        if block["type"] == "section":
+            if len(text) > SECTION_TEXT_LIMIT:
+                problems.append(f"block {i}: section text {len(text)} > {SECTION_TEXT_LIMIT}")
+            fields = block.get("fields", [])
+            if len(fields) > MAX_FIELDS or any(len(f["text"]) > FIELD_LIMIT for f in fields):
+                problems.append(f"block {i}: more than {MAX_FIELDS} fields or a field over {FIELD_LIMIT}")
+            if not text and not fields:
+                problems.append(f"block {i}: section without text or fields")
+    return problems
+
+
+class SlackOutput(Output):
+    kind = "slack"
+
+    def __init__(self, settings: SlackOutputSettings, name: str | None = None, *,
+                 clock: Clock | None = None) -> None:
+        super().__init__(settings, name)
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.threads: OrderedDict[str, str] = OrderedDict()
+        self._webhook_url = read_secret(settings.webhook_url, settings.webhook_url_file, "outputs.slack.webhook_url")
+        self._bot_token = read_secret(settings.bot_token, settings.bot_token_file, "outputs.slack.bot_token")
+        if settings.mode == "webhook" and not self._webhook_url:
+            raise ValueError("outputs.slack needs webhook_url (GPUSENTRY_OUTPUTS__SLACK__WEBHOOK_URL)")
+        if settings.mode == "bot" and not (self._bot_token and settings.channel):
+            raise ValueError("outputs.slack mode=bot needs bot_token and channel")
+        self.client = make_client(settings.timeout_s)
+
+    def secrets(self) -> Iterable[str]:
+        return [s for s in (self._webhook_url, self._bot_token) if s]
+
+    async def send(self, batch: Sequence[Alert]) -> None:
+        for alert in batch:
+            message = build_message(alert)
+            problems = check_blocks(message)
+            if problems:
+                raise DeliveryError(f"message breaks Block Kit limits: {'; '.join(problems)}", retryable=False)
+            if self.settings.mode == "webhook":
+                assert self._webhook_url is not None
+                response = await self.client.post(self._webhook_url, json=message)
+                check_response(response, "Slack webhook", self.clock)
+            else:
+                await self._post_in_thread(alert, message)
+
+    async def _post_in_thread(self, alert: Alert, message: dict[str, Any]) -> None:
+        key = dedup_key(alert)
+        body: dict[str, Any] = {"channel": self.settings.channel, **message}
+        thread = self.threads.get(key)
+        if thread is not None:
+            body["thread_ts"] = thread
+            if status(alert) == "resolved" and self.settings.broadcast_resolved:
+                body["reply_broadcast"] = True
+        response = await self.client.post(f"{self.settings.api_url.rstrip('/')}/chat.postMessage", json=body,
+                                          headers={"Authorization": f"Bearer {self._bot_token}"})
+        check_response(response, "Slack chat.postMessage", self.clock)
+        doc = _json(response)
+        if not doc.get("ok"):
+            error = str(doc.get("error") or "unknown_error")
+            raise DeliveryError(f"Slack chat.postMessage refused the message: {error}",
+                                retryable=error in RETRYABLE_API_ERRORS)
+        if thread is None and isinstance(doc.get("ts"), str):
+            self.threads[key] = doc["ts"]
+            if len(self.threads) > THREADS_KEPT:
+                self.threads.popitem(last=False)
+        if status(alert) == "resolved":
+            self.threads.pop(key, None)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        doc = response.json()
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
