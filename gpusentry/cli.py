@@ -126,6 +126,43 @@ def replay(
         raise typer.Exit(EXIT_REJECTS)
 
 
+outputs_app = typer.Typer(help="Check the alert outputs (SIEM, Slack, PagerDuty, webhooks).", no_args_is_help=True)
+app.add_typer(outputs_app, name="outputs")
+
+
+@app.command()
+def forward(config: ConfigOption = None) -> None:
+    """Deliver incidents from the alerts topic to every enabled output, retried; failures to the dead-letter topic."""
+    from outputs.cli import CommandError, run_forward
+
+    cfg = setup(config)
+    try:
+        err.print(run_forward(cfg).describe(), highlight=False)
+    except CommandError as exc:
+        fail(str(exc), exc.code)
+
+
+@outputs_app.command("test")
+def outputs_test(
+    config: ConfigOption = None,
+    output: Annotated[list[str] | None, typer.Option("--output", "-o", help="Only this output (repeatable); "
+                                                     "it need not be enabled.")] = None,
+    resolve: Annotated[bool, typer.Option(help="Also send the resolution (closes the PagerDuty test incident).")
+                       ] = True,
+    attempts: Annotated[int, typer.Option(min=1, max=10, help="Attempts per output.")] = 2,
+) -> None:
+    """Send a sample incident to every enabled output and report each one's result (exit 1 if any failed)."""
+    from outputs.cli import CommandError, test_outputs
+
+    cfg = setup(config)
+    try:
+        results = test_outputs(cfg, only=output, resolve=resolve, attempts=attempts, console=err)
+    except CommandError as exc:
+        fail(str(exc), exc.code)
+    if not all(r.ok for r in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
     """Validate the configuration and exit 0, or list every problem and exit 2."""
