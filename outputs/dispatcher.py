@@ -187,7 +187,7 @@ class Outcome:
         tries = f"{self.attempts} attempt{'s' if self.attempts != 1 else ''}"
         if self.delivered:
             return f"delivered ({tries})"
-        return f"FAILED after {tries}: {self.reason} (sent to the dead-letter topic)"
+        return f"FAILED: {self.reason}"
 
 
 @dataclass

@@ -1,0 +1,87 @@
+"""The bodies of `gpusentry forward` and `gpusentry outputs test` (the CLI module only parses options)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from gpusentry.config import Config
+from outputs.base import Output
+from outputs.dispatcher import Dispatcher, MemoryDeadLetterSink
+from outputs.forwarder import ForwarderError, ForwardSummary, forward
+from outputs.registry import OutputConfigError, build_outputs
+from outputs.sample import sample_incident
+
+
+class CommandError(RuntimeError):
+    """Failure the CLI reports with an exit code: ``code`` 1 ran and failed, 2 bad configuration."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def run_forward(cfg: Config) -> ForwardSummary:
+    """`gpusentry forward`: until SIGINT/SIGTERM, then drain and commit."""
+
+    async def main() -> ForwardSummary:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await forward(cfg, stop)
+
+    try:
+        return asyncio.run(main())
+    except (ForwarderError, OutputConfigError) as exc:
+        raise CommandError(str(exc), 2) from None
+
+
+@dataclass
+class TestResult:
+    output: str
+    step: str
+    ok: bool
+    detail: str
+
+
+async def _test_outputs(outputs: list[Output], resolve: bool) -> list[TestResult]:
+    open_alert, resolved_alert = sample_incident(test_marker=True)
+    sink = MemoryDeadLetterSink()
+    dispatcher = await Dispatcher(outputs, sink).start()
+    results: list[TestResult] = []
+    try:
+        steps = [("open", open_alert)] + ([("resolve", resolved_alert)] if resolve else [])
+        for step, alert in steps:
+            for outcome in await dispatcher.deliver(alert):
+                results.append(TestResult(outcome.output, step, outcome.delivered, outcome.describe()))
+    finally:
+        await dispatcher.close()
+    return results
+
+
+def test_outputs(cfg: Config, *, only: list[str] | None, resolve: bool, attempts: int,
+                 console: Console) -> list[TestResult]:
+    """Send a sample incident (and its resolution) to every enabled output; print and return each result."""
+    try:
+        outputs = build_outputs(cfg, only=only or None)
+    except OutputConfigError as exc:
+        raise CommandError(str(exc), 2) from None
+    if not outputs:
+        raise CommandError("no output is enabled: set outputs.<name>.enabled = true in the config file", 2)
+    for out in outputs:
+        # A quick verdict for the operator: few attempts, no long Retry-After waits.
+        out.policy = out.policy.model_copy(update={"max_attempts": attempts, "max_retry_after_s": 5.0,
+                                                   "min_severity": "low", "statuses": ["open", "resolved"],
+                                                   "hosts": [], "exclude_hosts": [], "rules": []})
+    console.print(f"sending a sample incident to {', '.join(o.name for o in outputs)} ...")
+    results = asyncio.run(_test_outputs(outputs, resolve))
+    table = Table("output", "step", "result")
+    for r in results:
+        table.add_row(r.output, r.step, ("[green]" if r.ok else "[red]") + r.detail)
+    console.print(table)
+    return results

@@ -1,0 +1,146 @@
+"""`gpusentry forward`: consume the alerts topic and deliver every alert through the dispatcher.
+
+At least once: the consumer commits a batch's offsets only after every alert in it was delivered to
+every output that wanted it, or dead-lettered with the reason.  A message that is not a valid alert
+is dead-lettered too (stage ``forwarder``) and never stops the stream.  A crash before the commit
+means those alerts are delivered again after the restart (PagerDuty and Slack threads dedupe by key;
+HEC and Kafka consumers by ``event.id``).
+
+For other processes (``gpusentry up``): :func:`run_forwarder` runs it in the calling thread until a
+``threading.Event`` is set; :func:`forward` is the same as a coroutine with an ``asyncio.Event``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+
+from gpusentry.broker import CLIENT_TUNING
+from gpusentry.config import Config
+from gpusentry.contract import Dataset, decode_message
+from gpusentry.timefmt import format_timestamp
+from outputs.base import Clock
+from outputs.dispatcher import DeadLetterSink, Dispatcher, Outcome
+from outputs.kafka import KafkaDeadLetterSink, make_producer
+from outputs.registry import build_outputs
+
+log = logging.getLogger(__name__)
+
+
+class ForwarderError(RuntimeError):
+    """The forwarder cannot run (nothing to deliver to, no brokers)."""
+
+
+@dataclass
+class ForwardSummary:
+    messages: int = 0
+    alerts: int = 0
+    rejected: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)  # "<output>:delivered" / "<output>:dead_lettered"
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())) or "nothing routed"
+        return (f"forward: {self.messages} messages, {self.alerts} alerts, {self.rejected} rejected; "
+                f"{parts}")
+
+
+def reject_record(value: bytes | None, reason: str, code: str, now: float) -> dict[str, Any]:
+    return {
+        "@timestamp": format_timestamp(now),
+        "event": {"kind": "event", "dataset": "gpusentry.deadletter", "category": ["process"],
+                  "type": ["error"], "outcome": "failure"},
+        "error": {"type": "rejected", "code": code, "message": reason},
+        "gpusentry": {"deadletter": {"stage": "forwarder",
+                                     "original_text": (value or b"")[:65536].decode("utf-8", "replace")}},
+    }
+
+
+async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = None,
+                  dead_letters: DeadLetterSink | None = None) -> ForwardSummary:
+    """Run until ``stop`` is set; return what was done."""
+    clock = clock or Clock()
+    outputs = build_outputs(cfg, clock=clock)
+    if not outputs:
+        raise ForwarderError("no output is enabled: set outputs.<name>.enabled = true (kafka, syslog, hec, slack, "
+                             "pagerduty, webhook); see docs/config.md")
+    if not cfg.kafka.bootstrap_servers:
+        raise ForwarderError("kafka.bootstrap_servers is empty: set it (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS)")
+    producer = make_producer(cfg.kafka)
+    await producer.start()
+    sink = dead_letters or KafkaDeadLetterSink(producer, cfg.topics.deadletter)
+    dispatcher = await Dispatcher(outputs, sink, clock=clock, seed=cfg.outputs.seed).start()
+    consumer = AIOKafkaConsumer(
+        cfg.topics.alerts, bootstrap_servers=cfg.kafka.bootstrap_servers, client_id=f"{cfg.kafka.client_id}-forward",
+        group_id=cfg.outputs.group_id, enable_auto_commit=False, auto_offset_reset=cfg.outputs.start_from,
+        **CLIENT_TUNING, **cfg.kafka.aiokafka_config())
+    summary = ForwardSummary()
+    try:
+        await consumer.start()
+        log.info("forwarding %s to %s", cfg.topics.alerts, ", ".join(o.name for o in outputs))
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=500, max_records=500)
+            if not batches:
+                continue
+            tickets: list[asyncio.Future[list[Outcome]]] = []
+            for records in batches.values():
+                for record in records:
+                    summary.messages += 1
+                    tickets.extend(await _submit(record.value, cfg, dispatcher, sink, clock, summary))
+            for outcomes in await asyncio.gather(*tickets):
+                for o in outcomes:
+                    summary.outcomes[f"{o.output}:{'delivered' if o.delivered else 'dead_lettered'}"] += 1
+            await consumer.commit()
+    finally:
+        try:
+            await dispatcher.close()
+        finally:
+            await consumer.stop()
+            await producer.stop()
+    log.info(summary.describe())
+    return summary
+
+
+async def _submit(value: bytes | None, cfg: Config, dispatcher: Dispatcher, sink: DeadLetterSink, clock: Clock,
+                  summary: ForwardSummary) -> list[asyncio.Future[list[Outcome]]]:
+    decoded = decode_message(value, max_bytes=cfg.contract.max_message_bytes)
+    tickets = []
+    for reject in decoded.rejects:
+        summary.rejected += 1
+        await sink.send(reject_record(value, str(reject), reject.code.value, clock.time()), "")
+    for event in decoded.events:
+        if event["event"]["dataset"] != Dataset.ALERT.value:
+            summary.rejected += 1
+            await sink.send(reject_record(value, f"event.dataset {event['event']['dataset']!r} on the alerts "
+                                          "topic; only gpusentry.alert incidents are forwarded", "bad_value",
+                                          clock.time()), "")
+            continue
+        summary.alerts += 1
+        tickets.append(await dispatcher.submit(event))
+    return tickets
+
+
+def run_forwarder(cfg: Config, stop_event: threading.Event | None = None) -> ForwardSummary:
+    """Blocking: forward until ``stop_event`` is set (or forever).  For `gpusentry up` and scripts."""
+
+    async def main() -> ForwardSummary:
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while stop_event is not None and not stop_event.is_set():
+                await asyncio.sleep(0.2)
+            if stop_event is not None:
+                stop.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await forward(cfg, stop)
+        finally:
+            watcher.cancel()
+
+    return asyncio.run(main())
