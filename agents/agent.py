@@ -1,0 +1,194 @@
+"""The host agent: collectors on a fixed cadence, each cycle's events to every sink.
+
+``Agent(cfg).run()`` is ``gpusentry agent``; ``gpusentry up`` and the tests build an ``Agent`` with
+their own outputs and call :meth:`Agent.run_cycle` or :meth:`Agent.run`.  A collector that fails
+in a cycle is counted (``gpusentry_agent_collector_errors_total``), logged with its traceback,
+and the other collectors' events still go out; ``strict=True`` re-raises instead (tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, Protocol
+
+from agents.gpu import GpuCollector
+from agents.metrics import AgentMetrics
+from agents.network import NetworkCollector
+from agents.process import ProcessCollector
+from agents.procfs import ExecutableHasher, ProcFS
+from agents.sinks import JsonlSink, KafkaSink, Sink, StdoutSink
+from agents.spool import Spool
+from gpusentry.config import Config
+from gpusentry.contract import Dataset
+
+log = logging.getLogger(__name__)
+
+
+class Collector(Protocol):
+    name: str
+
+    def start(self) -> bool: ...
+
+    def collect(self, now: float) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start as configured; the message names the fix."""
+
+
+class Agent:
+    def __init__(self, cfg: Config, *, outputs: list[str] | None = None, nvml: ModuleType | None = None,
+                 procfs: ProcFS | None = None, collectors: list[Collector] | None = None,
+                 kafka_extra: dict[str, Any] | None = None, strict: bool = False,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.settings = cfg.agent
+        self.host_name = cfg.agent.host_name
+        self.metrics = AgentMetrics()
+        self.strict = strict
+        self.clock = clock
+        self.procfs = procfs or ProcFS()
+        self.collectors: list[Collector] = collectors if collectors is not None else self._build_collectors(nvml)
+        self.sinks: list[Sink] = self._build_sinks(outputs or cfg.agent.outputs, kafka_extra)
+        self.cycles = 0
+        self._metrics_server: Any = None
+        self._stop = threading.Event()
+
+    def _build_collectors(self, nvml: ModuleType | None) -> list[Collector]:
+        s = self.settings
+        out: list[Collector] = []
+        if "gpu" in s.collectors:
+            out.append(GpuCollector(self.host_name, nvml=nvml, procfs=self.procfs, metrics=self.metrics,
+                                    retry_s=s.nvml_retry_s))
+        if "process" in s.collectors:
+            hasher = ExecutableHasher(s.hash_max_bytes) if s.hash_executables else None
+            out.append(ProcessCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
+                                        source=s.process_source, hasher=hasher))
+        if "network" in s.collectors:
+            out.append(NetworkCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
+                                        capture=s.capture, payload_bytes=s.payload_bytes,
+                                        payload_wait_s=s.payload_wait_s))
+        return out
+
+    def _build_sinks(self, outputs: list[str], kafka_extra: dict[str, Any] | None) -> list[Sink]:
+        sinks: list[Sink] = []
+        for item in outputs:
+            if item == "stdout":
+                sinks.append(StdoutSink())
+            elif item.startswith("jsonl:") and len(item) > 6:
+                sinks.append(JsonlSink(item[6:]))
+            elif item == "kafka":
+                if not self.cfg.kafka.bootstrap_servers:
+                    raise AgentError("output 'kafka' needs kafka.bootstrap_servers (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS"
+                                     "=host:9092), or use --output jsonl:PATH / --output stdout")
+                try:
+                    spool = Spool(self.settings.spool_dir, self.settings.spool_max_bytes)
+                except OSError as exc:
+                    raise AgentError(str(exc)) from exc
+                if spool.pending:
+                    log.info("spool holds %d unsent message(s) from an earlier run; they are sent first",
+                             spool.pending)
+                sinks.append(KafkaSink(self.cfg.kafka, self.cfg.topics.event_topics(), spool, self.metrics,
+                                       max_message_bytes=self.cfg.contract.max_message_bytes,
+                                       message_timeout_ms=self.settings.message_timeout_ms,
+                                       max_in_flight=self.settings.max_in_flight_messages,
+                                       extra_config=kafka_extra))
+            else:
+                raise AgentError(f"unknown output {item!r}; use kafka, stdout or jsonl:PATH")
+        return sinks
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        started = []
+        for c in self.collectors:
+            if c.start():
+                started.append(c)
+        self.collectors = started
+        if self.settings.metrics_port is not None:
+            self._metrics_server = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+        log.info("agent %s: collectors %s, outputs %s, every %.3g s", self.host_name,
+                 ", ".join(c.name for c in self.collectors) or "none",
+                 ", ".join(type(s).__name__ for s in self.sinks), self.settings.interval_s)
+
+    def run_cycle(self) -> int:
+        """Collect once from every collector and hand the events to every sink; return the event count."""
+        started = time.monotonic()
+        now = self.clock()
+        batches: dict[str, list[dict[str, Any]]] = {d.value: [] for d in Dataset if d is not Dataset.ALERT}
+        for c in self.collectors:
+            try:
+                events = c.collect(now)
+            except Exception as exc:
+                # Counted and logged with its traceback; the other collectors' events still go out.
+                self.metrics.collector_errors.labels(c.name, type(exc).__name__).inc()
+                log.exception("collector %s failed this cycle", c.name)
+                if self.strict:
+                    raise
+                continue
+            for ev in events:
+                batches[ev["event"]["dataset"]].append(ev)
+        batches = {k: v for k, v in batches.items() if v}
+        for sink in self.sinks:
+            if batches:
+                sink.write(self.host_name, batches)
+            elif isinstance(sink, KafkaSink):
+                sink.pump()  # resend the spool even in a quiet cycle
+        self.cycles += 1
+        self.metrics.cycle_seconds.set(time.monotonic() - started)
+        return sum(len(v) for v in batches.values())
+
+    def run(self, cycles: int | None = None) -> None:
+        """Cycle every ``interval_s`` (on a fixed grid, so a slow cycle does not shift the next ones)."""
+        interval = self.settings.interval_s
+        next_at = time.monotonic()
+        done = 0
+        while not self._stop.is_set():
+            self.run_cycle()
+            done += 1
+            if cycles is not None and done >= cycles:
+                break
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay < 0:  # overran: skip the missed slots rather than bunching cycles
+                next_at = time.monotonic()
+                delay = 0
+            self._stop.wait(delay)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        for c in self.collectors:
+            c.close()
+        for s in self.sinks:
+            s.close(timeout)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    def kafka_sink(self) -> KafkaSink | None:
+        return next((s for s in self.sinks if isinstance(s, KafkaSink)), None)
+
+
+def run_agent(cfg: Config, outputs: list[str] | None = None, cycles: int | None = None) -> None:
+    """``gpusentry agent``: run until SIGTERM / Ctrl-C, then flush what can be flushed."""
+    import signal
+
+    agent = Agent(cfg, outputs=outputs)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    try:
+        agent.start()
+        agent.run(cycles)
+    except KeyboardInterrupt:
+        log.info("interrupted; flushing")
+    finally:
+        agent.close()
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,147 @@
+"""Network collector: each new outbound TCP/UDP flow with its owning process, plus DNS answers.
+
+Flows come from the kernel's socket tables (/proc/net/{tcp,tcp6,udp,udp6}, the agent's network
+namespace: run it with the host's network).  A TCP socket is outbound when it is established or
+connecting and its local port is not a listening port; a UDP socket when it is connected.  The
+owning process comes from the socket inode, found among the /proc/PID/fd links; that walk is the
+expensive part, so it runs only for inodes not seen before and stops when all are found.
+
+With packet capture (privileged, :mod:`agents.capture`) flows also get ``destination.domain`` (from
+DNS answers the host received), the first bytes they sent and the TLS SNI; ``gpusentry.dns``
+events are emitted for the answers.  Without it those fields are absent, which is said once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from agents.capture import PacketCapture
+from agents.metrics import AgentMetrics
+from agents.procfs import TCP_LISTEN, ProcFS, SocketEntry, read_sockets
+from gpusentry.contract import dns_event, network_event
+
+log = logging.getLogger(__name__)
+
+TCP_ESTABLISHED, TCP_SYN_SENT = 1, 2
+_UNSPECIFIED = ("0.0.0.0", "::")
+
+
+class NetworkCollector:
+    name = "network"
+
+    def __init__(self, host_name: str, *, procfs: ProcFS | None = None, metrics: AgentMetrics | None = None,
+                 capture: str = "auto", payload_bytes: int = 512, payload_wait_s: float = 1.0,
+                 net_root: str | None = None) -> None:
+        self.host_name = host_name
+        self.procfs = procfs or ProcFS()
+        self.metrics = metrics or AgentMetrics()
+        self.capture_mode = capture
+        self.payload_bytes = payload_bytes
+        self.payload_wait_s = payload_wait_s
+        self.net_root = net_root
+        self.capture: PacketCapture | None = None
+        self._seen: set[tuple[Any, ...]] = set()
+        self._owners: dict[int, int] = {}  # socket inode -> pid
+        self._waiting: dict[tuple[Any, ...], tuple[SocketEntry, float]] = {}
+        self._own_pid = os.getpid()
+
+    def start(self) -> bool:
+        if self.capture_mode != "off":
+            try:
+                self.capture = PacketCapture(self.payload_bytes)
+                log.info("network collector: packet capture on (DNS answers, first bytes, TLS SNI)")
+            except (PermissionError, OSError) as exc:
+                if self.capture_mode == "on":
+                    raise
+                log.warning("network collector: packet capture off (%s; needs CAP_NET_RAW): flows are reported "
+                            "without destination.domain, payload and TLS SNI, and no DNS events", exc)
+        return True
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+
+    @staticmethod
+    def _outbound(entries: list[SocketEntry]) -> list[SocketEntry]:
+        listening = {e.local_port for e in entries if e.transport == "tcp" and e.state == TCP_LISTEN}
+        out = []
+        for e in entries:
+            if e.remote_port == 0 or e.remote_ip in _UNSPECIFIED:
+                continue
+            if e.transport == "tcp":
+                if e.state in (TCP_ESTABLISHED, TCP_SYN_SENT) and e.local_port not in listening:
+                    out.append(e)
+            else:
+                out.append(e)  # a connected UDP socket
+        return out
+
+    def collect(self, now: float) -> list[dict[str, Any]]:
+        entries = list(read_sockets(self.procfs.root, self.net_root))
+        flows = self._outbound(entries)
+        current = {(e.transport, e.local_ip, e.local_port, e.remote_ip, e.remote_port, e.inode): e for e in flows}
+        new = [current[k] for k in current.keys() - self._seen]
+        self._seen = set(current)
+        unknown = {e.inode for e in new if e.inode and e.inode not in self._owners}
+        unknown |= {e.inode for e, _ in self._waiting.values() if e.inode and e.inode not in self._owners}
+        if unknown:
+            self._owners.update(self.procfs.socket_owners(unknown))
+        live = {e.inode for e in entries}
+        for inode in [i for i in self._owners if i not in live]:
+            del self._owners[inode]
+        events: list[dict[str, Any]] = []
+        cap = self.capture
+        for e in sorted(new, key=lambda e: (e.transport, e.local_port, e.remote_ip, e.remote_port)):
+            if cap is not None and e.transport == "tcp" and self.payload_bytes and cap.saw_start(self._key(e)):
+                self._waiting[(e.local_ip, e.local_port, e.remote_ip, e.remote_port)] = (e, now)
+                continue
+            event = self._event(e, now)
+            if event is not None:
+                events.append(event)
+        for key, (e, since) in list(self._waiting.items()):
+            first = cap.first_bytes(self._key(e)) if cap is not None else None
+            if first is not None or now - since >= self.payload_wait_s or cap is None:
+                del self._waiting[key]
+                event = self._event(e, since, first)
+                if event is not None:
+                    events.append(event)
+        if cap is not None:
+            events.extend(self._dns_events(cap, entries))
+        self.metrics.events.labels(self.name).inc(len(events))
+        return events
+
+    @staticmethod
+    def _key(e: SocketEntry) -> tuple[str, int, str, int]:
+        return (e.local_ip, e.local_port, e.remote_ip, e.remote_port)
+
+    def _event(self, e: SocketEntry, ts: float, first: Any = None) -> dict[str, Any] | None:
+        pid = self._owners.get(e.inode)
+        if pid == self._own_pid:
+            return None  # the agent's own Kafka and metrics traffic is not news
+        info = self.procfs.process(pid) if pid is not None else None
+        cap = self.capture
+        return network_event(
+            self.host_name, ts, source_ip=e.local_ip, source_port=e.local_port, destination_ip=e.remote_ip,
+            destination_port=e.remote_port, transport=e.transport, pid=pid,
+            process_name=info.name if info else None, executable=info.executable if info else None,
+            destination_domain=cap.name_of(e.remote_ip) if cap is not None else None,
+            server_name=first.server_name if first is not None else None,
+            payload_b64=first.payload_b64 if first is not None else None)
+
+    def _dns_events(self, cap: PacketCapture, entries: list[SocketEntry]) -> list[dict[str, Any]]:
+        answers = cap.drain_answers()
+        if not answers:
+            return []
+        udp_by_port = {e.local_port: e.inode for e in entries if e.transport == "udp"}
+        out = []
+        for a in answers:
+            inode = udp_by_port.get(a.client_port)
+            pid = None
+            if inode:
+                pid = self._owners.get(inode) or self.procfs.socket_owners({inode}).get(inode)
+            name = self.procfs.comm(pid) if pid is not None else None
+            out.append(dns_event(self.host_name, a.timestamp, question=a.question, resolved_ips=a.addresses,
+                                 pid=pid, process_name=name))
+        return out
