@@ -95,10 +95,17 @@ def agent(config: ConfigOption = None) -> None:
 
 
 @app.command()
-def worker(config: ConfigOption = None) -> None:
+def worker(config: ConfigOption = None,
+           create_topics: Annotated[bool, typer.Option(help="Create missing topics (kafka.partitions each).")] = False
+           ) -> None:
     """Run a stream worker: detection on the event topics, incidents to the alerts topic."""
-    setup(config)
-    not_yet("worker", "the streaming pipeline is being built")
+    cfg = setup(config)
+    from streams.worker import TopicsMissing, run_worker
+
+    try:
+        raise typer.Exit(run_worker(cfg, create_topics=create_topics))
+    except (TopicsMissing, ValueError) as exc:
+        fail(str(exc), EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED)
 
 
 @app.command()

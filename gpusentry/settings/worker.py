@@ -1,4 +1,4 @@
-"""Options of the stream worker (`gpusentry worker`)."""
+"""Options of the stream worker (`gpusentry worker`) and of `gpusentry up`."""
 
 from __future__ import annotations
 
@@ -9,4 +9,25 @@ from gpusentry.settings.base import Section
 
 class WorkerSettings(Section):
     app_id: str = Field("gpusentry", description="faust application id: the consumer group and the "
-                        "prefix of its changelog topics. Workers with the same id share the work.")
+                        "prefix of its checkpoint topic. Workers with the same id share the work.")
+    checkpoint_interval_s: float = Field(
+        2.0, gt=0, le=600, description="Seconds between checkpoints of a partition's detector state (and the "
+        "input offsets it covers). A killed worker's successor replays at most this much input.")
+    checkpoint_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024 * 1024, description="Largest checkpoint record (one per input partition); "
+        "the checkpoint topic is created with this `max.message.bytes`.")
+    fetch_max_wait_ms: int = Field(
+        100, ge=0, le=5000, description="Longest a fetch waits for data. faust's built-in 1,500 ms adds that "
+        "much latency on quiet topics; 100 ms keeps alerts under a second.")
+    session_timeout_s: float = Field(
+        10.0, ge=1, le=300, description="Consumer group session timeout; a dead worker's partitions move "
+        "after this long.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1 at this port; 0 turns them off.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+    web_enabled: bool = Field(False, description="Run faust's own web server (on `web_host`:`web_port`).")
+    web_host: str = Field("127.0.0.1", description="Address of faust's web server when enabled.")
+    web_port: int = Field(6066, ge=1, le=65535, description="Port of faust's web server when enabled.")
+    data_dir: str = Field("", description="faust data directory; empty means a fresh temporary directory.")
+    incidents_file: str = Field("gpusentry-incidents.jsonl",
+                                description="`gpusentry up`: incidents are appended here as JSON lines.")

@@ -1,0 +1,124 @@
+"""The faust application: one :class:`WorkerApp` per worker process, built from the configuration.
+
+The app is a thin adapter (after faust's own examples): topics, agents and timers live in their own
+small modules and are registered explicitly by :func:`build_app` (the list below is the whole
+"autodiscovery"); the agents hand each message to :class:`streams.pipeline.Pipeline`, which hands each
+event to the detection engine.  Nothing in :mod:`detectors` imports faust.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.transport.drivers import TRANSPORTS
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from detectors.engine import Engine
+from gpusentry.config import Config
+from streams.feedback import Suppressions
+from streams.kafka_io import KafkaClients, bootstrap_list
+from streams.metrics import WorkerMetrics
+from streams.pipeline import Pipeline, Topics
+
+log = logging.getLogger(__name__)
+
+# The fetch wait faust's aiokafka driver hard-codes (1,500 ms) is latency on every quiet partition;
+# this transport is faust's own with that one value taken from `worker.fetch_max_wait_ms`.
+TRANSPORT_SCHEME = "gpusentry-kafka"
+_fetch_max_wait_ms = 100
+
+
+class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = _fetch_max_wait_ms  # read by AIOKafkaConsumer.start()
+        return consumer
+
+
+class _LowLatencyConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class LowLatencyTransport(faust_aiokafka.Transport):
+    Consumer = _LowLatencyConsumer
+
+
+TRANSPORTS.aliases[TRANSPORT_SCHEME] = f"{__name__}:LowLatencyTransport"
+
+
+def broker_credentials(cfg: Config) -> Any:
+    """faust credentials from the shared [kafka] settings (the agent and forwarder read the same)."""
+    conf = cfg.kafka.aiokafka_config()
+    if cfg.kafka.sasl_mechanism:
+        return faust.SASLCredentials(username=conf["sasl_plain_username"], password=conf["sasl_plain_password"],
+                                     ssl_context=conf.get("ssl_context"), mechanism=cfg.kafka.sasl_mechanism)
+    if "ssl_context" in conf:
+        return faust.SSLCredentials(conf["ssl_context"])
+    return None
+
+
+@dataclass
+class WorkerApp:
+    app: faust.App
+    pipeline: Pipeline
+    clients: KafkaClients
+    metrics: WorkerMetrics
+    suppressions: Suppressions
+    cfg: Config
+
+
+def build_app(cfg: Config, *, engine: Engine | None = None, metrics: WorkerMetrics | None = None) -> WorkerApp:
+    global _fetch_max_wait_ms
+    if not cfg.kafka.bootstrap_servers:
+        raise ValueError("kafka.bootstrap_servers is empty; set it (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS=host:9092) "
+                         "or use `gpusentry up`, which starts the embedded broker")
+    _fetch_max_wait_ms = cfg.worker.fetch_max_wait_ms
+    w = cfg.worker
+    app = faust.App(
+        w.app_id,
+        broker=[f"{TRANSPORT_SCHEME}://{s}" for s in bootstrap_list(cfg)],
+        broker_credentials=broker_credentials(cfg),
+        broker_client_id=f"{cfg.kafka.client_id}-worker",
+        broker_session_timeout=w.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, w.session_timeout_s / 5),
+        broker_request_timeout=max(40.0, w.session_timeout_s * 2),
+        # Offsets are committed as soon as the pipeline acknowledges messages (after a checkpoint).
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        # Messages are acknowledged after the checkpoint that covers them, so faust must not wait for
+        # every message to be acknowledged before it lets a rebalance go on.
+        stream_wait_empty=False,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        web_enabled=w.web_enabled,
+        web_host=w.web_host,
+        web_port=w.web_port,
+        web_bind=w.web_host,
+        datadir=w.data_dir or tempfile.mkdtemp(prefix="gpusentry-worker-"),
+        producer_max_request_size=cfg.contract.max_message_bytes + 65536,
+        consumer_max_fetch_size=max(cfg.contract.max_message_bytes * 2, 1_048_576),
+        logging_config=None,
+    )
+    metrics = metrics or WorkerMetrics()
+    suppressions = Suppressions()
+    clients = KafkaClients(cfg)
+    t = cfg.topics
+    pipeline = Pipeline(engine or Engine.from_config(cfg), clients,
+                        Topics(events=tuple(t.event_topics().values()), alerts=t.alerts, deadletter=t.deadletter,
+                               feedback=t.feedback),
+                        max_message_bytes=cfg.contract.max_message_bytes,
+                        checkpoint_interval_s=w.checkpoint_interval_s, metrics=metrics, suppressions=suppressions,
+                        worker_id=w.app_id)
+    worker_app = WorkerApp(app, pipeline, clients, metrics, suppressions, cfg)
+    # Explicit registration, in this order: topics, agents, timers.
+    from streams import agents, timers, topics
+
+    event_topic = topics.register(worker_app)
+    agents.register(worker_app, event_topic)
+    timers.register(worker_app)
+    return worker_app

@@ -1,0 +1,170 @@
+"""The worker's own Kafka clients (aiokafka), beside faust's consumer.
+
+faust consumes the event topics.  Everything whose timing the delivery guarantees depend on goes
+through these clients instead, because the pipeline must know when a send is on the broker: the
+alert, dead-letter and checkpoint producer (``acks=all``), a group-less reader for checkpoints and
+the alerts topic, and the feedback reader that every worker runs over all feedback partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from gpusentry.config import Config
+
+log = logging.getLogger(__name__)
+
+# Reading "to the end": keep fetching until a fetch comes back empty.  Some brokers (Tansu) report a
+# high watermark short of the last records of a multi-record batch, so the reported end alone is not
+# trusted.
+_EMPTY_POLL_MS = 250
+
+
+def checkpoint_topic(cfg: Config) -> str:
+    return f"{cfg.worker.app_id}-checkpoints"
+
+
+def bootstrap_list(cfg: Config) -> list[str]:
+    return [s.strip() for s in cfg.kafka.bootstrap_servers.split(",") if s.strip()]
+
+
+class KafkaClients:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.alerts_topic = cfg.topics.alerts
+        self.checkpoint_topic = checkpoint_topic(cfg)
+        self._common: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_list(cfg), "client_id": f"{cfg.kafka.client_id}-worker",
+            **cfg.kafka.aiokafka_config()}
+        self._producer: AIOKafkaProducer | None = None
+        self._reader: AIOKafkaConsumer | None = None
+        self._reader_lock = asyncio.Lock()
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("KafkaClients.start() was not awaited")
+        return self._producer
+
+    @property
+    def reader(self) -> AIOKafkaConsumer:
+        if self._reader is None:
+            raise RuntimeError("KafkaClients.start() was not awaited")
+        return self._reader
+
+    async def start(self) -> None:
+        """Create and start the clients (aiokafka needs the running event loop)."""
+        if self._producer is not None:
+            return
+        biggest = self.cfg.worker.checkpoint_max_bytes + 65536
+        # No idempotence: an idempotent producer cannot recover after a memory broker restarts, and
+        # a resent alert is dropped by its dedup key downstream anyway.
+        self._producer = AIOKafkaProducer(**self._common, acks="all", enable_idempotence=False, linger_ms=5,
+                                          max_request_size=biggest)
+        self._reader = AIOKafkaConsumer(**self._common, group_id=None, enable_auto_commit=False,
+                                        fetch_max_wait_ms=self.cfg.worker.fetch_max_wait_ms,
+                                        max_partition_fetch_bytes=biggest, auto_offset_reset="earliest")
+        await self._producer.start()
+        await self._reader.start()
+
+    async def stop(self) -> None:
+        producer, reader, self._producer, self._reader = self._producer, self._reader, None, None
+        if producer is not None:
+            await producer.stop()
+        if reader is not None:
+            await reader.stop()
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> Awaitable[Any]:
+        return await self.producer.send(topic, value, key=key, partition=partition, headers=headers)
+
+    async def flush(self) -> None:
+        await self.producer.flush()
+
+    async def write_checkpoint(self, partition: int, blob: bytes) -> None:
+        # One record per send, so a batch never holds two checkpoints (see _EMPTY_POLL_MS).
+        await self.producer.send_and_wait(self.checkpoint_topic, blob, key=str(partition).encode(),
+                                          partition=partition)
+
+    async def _partitions(self, topic: str) -> list[int]:
+        parts = await self.producer.partitions_for(topic)  # fetches metadata when unknown
+        if not parts:
+            raise RuntimeError(f"topic {topic!r} does not exist; run `gpusentry worker --create-topics` once")
+        return sorted(parts)
+
+    async def _read(self, starts: dict[TopicPartition, int]) -> list[tuple[TopicPartition, bytes | None]]:
+        """Every record from ``starts`` to the end of each partition, in offset order per partition."""
+        out: list[tuple[TopicPartition, bytes | None]] = []
+        async with self._reader_lock:
+            self.reader.assign(list(starts))
+            for tp, offset in starts.items():
+                self.reader.seek(tp, offset)
+            ends = await self.reader.end_offsets(list(starts))
+            reached = {tp for tp in starts if starts[tp] >= ends[tp]}
+            while True:
+                batch = await self.reader.getmany(timeout_ms=_EMPTY_POLL_MS)
+                if not batch and len(reached) == len(starts):
+                    break
+                if not batch:
+                    # Nothing came although the broker reported more: fetch once more, then trust it.
+                    reached = set(starts)
+                    continue
+                for tp, records in batch.items():
+                    out.extend((tp, r.value) for r in records)
+                    if records and records[-1].offset + 1 >= ends[tp]:
+                        reached.add(tp)
+            self.reader.assign([])
+        return out
+
+    async def read_checkpoint(self, partition: int) -> bytes | None:
+        tp = TopicPartition(self.checkpoint_topic, partition)
+        async with self._reader_lock:
+            self.reader.assign([tp])
+            end = (await self.reader.end_offsets([tp]))[tp]
+            self.reader.assign([])
+        records = await self._read({tp: max(0, end - 2)})
+        if not records and end > 0:
+            records = await self._read({tp: 0})
+        return records[-1][1] if records else None
+
+    async def alert_end_offsets(self) -> dict[int, int]:
+        tps = [TopicPartition(self.alerts_topic, p) for p in await self._partitions(self.alerts_topic)]
+        async with self._reader_lock:
+            ends = await self.reader.end_offsets(tps)
+        return {tp.partition: off for tp, off in ends.items()}
+
+    async def read_alerts_since(self, marks: dict[int, int]) -> list[bytes]:
+        starts = {TopicPartition(self.alerts_topic, p): marks.get(p, 0)
+                  for p in await self._partitions(self.alerts_topic)}
+        return [v for _, v in await self._read(starts) if v is not None]
+
+
+async def follow_feedback(cfg: Config, on_message: Callable[[bytes | None, int, int], Awaitable[None]],
+                          stop: asyncio.Event) -> None:
+    """Read every partition of the feedback topic from the beginning, for ever (each worker does)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_list(cfg), client_id=f"{cfg.kafka.client_id}-feedback",
+                                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=max(cfg.worker.fetch_max_wait_ms, 100),
+                                **cfg.kafka.aiokafka_config())
+    # Without a group, aiokafka assigns every partition of the subscribed topic to this consumer.
+    consumer.subscribe([cfg.topics.feedback])
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            try:
+                batch = await consumer.getmany(timeout_ms=500)
+            except KafkaError as exc:
+                log.warning("feedback reader: %s; retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for tp, records in batch.items():
+                for r in records:
+                    await on_message(r.value, tp.partition, r.offset)
+    finally:
+        await consumer.stop()

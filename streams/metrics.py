@@ -1,0 +1,44 @@
+"""Prometheus metrics of a stream worker, in a registry of its own (served on an optional localhost port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Event delay from @timestamp to processing: sub-second normally, minutes when a worker catches up.
+_DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+_PROCESSING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages = Counter("gpusentry_worker_messages", "Kafka messages consumed, by topic.", ["topic"],
+                                registry=r)
+        self.events = Counter("gpusentry_worker_events", "Valid events processed, by topic (rate = events/s).",
+                              ["topic"], registry=r)
+        self.alerts = Counter("gpusentry_worker_alerts", "Incident updates published, by rule and status.",
+                              ["rule", "status"], registry=r)
+        self.suppressed = Counter("gpusentry_worker_alerts_suppressed",
+                                  "Incident updates withheld by an analyst's suppression.", ["rule"], registry=r)
+        self.duplicates = Counter("gpusentry_worker_alerts_deduplicated",
+                                  "Incident updates not re-published after a restart because they were already "
+                                  "on the alerts topic.", registry=r)
+        self.deadletters = Counter("gpusentry_worker_deadletters", "Messages or events sent to the dead-letter "
+                                   "topic, by reason.", ["reason"], registry=r)
+        self.detector_failures = Counter("gpusentry_worker_detector_failures", "Detector exceptions, by rule.",
+                                         ["rule"], registry=r)
+        self.lag = Gauge("gpusentry_worker_consumer_lag", "Messages behind the partition's high watermark.",
+                         ["topic", "partition"], registry=r)
+        self.event_delay = Histogram("gpusentry_worker_event_delay_seconds",
+                                     "Wall time at processing minus the event's @timestamp.",
+                                     buckets=_DELAY_BUCKETS, registry=r)
+        self.processing = Histogram("gpusentry_worker_message_processing_seconds",
+                                    "Time to decode and run the detectors over one message.",
+                                    buckets=_PROCESSING_BUCKETS, registry=r)
+        self.checkpoints = Counter("gpusentry_worker_checkpoints", "Partition checkpoints written.", registry=r)
+        self.restores = Counter("gpusentry_worker_restores", "Partition checkpoints restored.", registry=r)
+        self.feedback = Gauge("gpusentry_worker_suppressions_active", "Analyst suppressions in force.", registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)

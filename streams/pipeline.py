@@ -1,0 +1,345 @@
+"""The worker's processing core: messages in, engine, alerts and dead letters out, checkpoints.
+
+No faust here (the faust agent in :mod:`streams.agents` only feeds messages in), and no detection
+logic (that is :class:`detectors.engine.Engine`).  What this module owns is delivery:
+
+* **State per input partition.**  All of a host's events share a partition number across the four
+  event topics (keyed by ``host.name``, co-partitioned), so partition *p*'s hosts, their engine state
+  and the input offsets that state covers form one checkpoint, written as one record to partition *p*
+  of the checkpoint topic every ``worker.checkpoint_interval_s`` and on rebalance and shutdown.
+* **Offsets after state.**  A message is acknowledged to faust (and so becomes committable) only
+  after a checkpoint that covers it is on the broker, and that checkpoint is written only after every
+  alert and dead letter sent before it is acknowledged by the broker.  A killed worker therefore
+  loses nothing: its successor restores the checkpoint, skips input the checkpoint already covers,
+  and replays the rest.
+* **No doubled incident updates.**  Replaying regenerates the alerts sent between the checkpoint and
+  the kill (event time drives the engine, and an alert's ``event.id`` is a digest of its incident, status,
+  evidence count and event time).  On restore the alerts topic is read from the end offsets recorded in
+  the checkpoint, and a regenerated alert already there is not sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import pickle
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from detectors.engine import DetectorFailure, Engine
+from gpusentry.contract import Reject, decode_message
+from gpusentry.timefmt import format_timestamp, parse_timestamp
+from streams.feedback import Suppressions
+from streams.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+# Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
+MAX_ORIGINAL_BYTES = 64 * 1024
+
+
+class DeadLetterReason:
+    """Reasons beside the contract's reject codes (``oversize``, ``not_json``, ``wrong_type``, ...)."""
+
+    DETECTOR_FAILED = "detector_failed"
+    BAD_FEEDBACK = "bad_feedback"
+
+
+class KafkaIO(Protocol):
+    """What the pipeline needs from Kafka (``streams.kafka_io.KafkaClients`` on a real broker)."""
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> Awaitable[Any]: ...
+
+    async def flush(self) -> None: ...
+
+    async def write_checkpoint(self, partition: int, blob: bytes) -> None: ...
+
+    async def read_checkpoint(self, partition: int) -> bytes | None: ...
+
+    async def alert_end_offsets(self) -> dict[int, int]: ...
+
+    async def read_alerts_since(self, marks: dict[int, int]) -> Iterable[bytes]: ...
+
+
+@dataclass
+class PartitionState:
+    number: int
+    offsets: dict[str, int] = field(default_factory=dict)  # topic -> next offset the engine state covers
+    hosts: set[str] = field(default_factory=set)
+    pending_acks: list[Callable[[], Any]] = field(default_factory=list)
+    dirty: bool = False
+    last_checkpoint: float = 0.0  # monotonic
+
+
+@dataclass(frozen=True)
+class Topics:
+    events: tuple[str, ...]
+    alerts: str
+    deadletter: str
+    feedback: str
+
+
+def alert_signature(alert: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two incident updates the same update, even when batches interleaved differently."""
+    a = alert.get("gpusentry", {}).get("alert", {})
+    return (a.get("dedup_key"), a.get("status"), a.get("severity"), tuple(a.get("signals") or ()),
+            alert.get("@timestamp"))
+
+
+class Pipeline:
+    def __init__(self, engine: Engine, io: KafkaIO, topics: Topics, *, max_message_bytes: int,
+                 checkpoint_interval_s: float, metrics: WorkerMetrics | None = None,
+                 suppressions: Suppressions | None = None, worker_id: str = "gpusentry",
+                 on_alert: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.engine = engine
+        self.io = io
+        self.topics = topics
+        self.max_message_bytes = max_message_bytes
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.metrics = metrics or WorkerMetrics()
+        self.suppressions = suppressions or Suppressions()
+        self.worker_id = worker_id
+        self.on_alert = on_alert
+        self.partitions: dict[int, PartitionState] = {}
+        self.lock = asyncio.Lock()
+        # Already on the alerts topic (found when restoring): event ids and update signatures.
+        self._published_ids: set[str] = set()
+        self._published_signatures: set[tuple[Any, ...]] = set()
+        self._inflight: list[Awaitable[Any]] = []
+        self.stats = {"messages": 0, "events": 0, "alerts": 0, "deadletters": 0, "duplicates": 0,
+                      "suppressed": 0, "skipped": 0}
+
+    # ------------------------------------------------------------------ messages
+
+    async def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+                     ack: Callable[[], Any]) -> None:
+        """Process one message; ``ack`` is called once a checkpoint covers it."""
+        async with self.lock:
+            part = self.partitions.get(partition)
+            if part is None:
+                part = await self._restore(partition)
+            if offset < part.offsets.get(topic, 0):
+                # Already inside the restored checkpoint: replaying it would count it twice.
+                self.stats["skipped"] += 1
+                ack()
+                return
+            started = time.perf_counter()
+            self.metrics.messages.labels(topic).inc()
+            self.stats["messages"] += 1
+            host_key = key.decode("utf-8", "replace") if key else None
+            decoded = decode_message(value, key=host_key, max_bytes=self.max_message_bytes)
+            for reject in decoded.rejects:
+                await self._dead_letter_reject(reject, topic, partition, offset, key, value)
+            engine = self.engine
+            last_ts = None
+            for event in decoded.events:
+                part.hosts.add(event["host"]["name"])
+                alerts = engine.process(event)
+                if engine.failures:
+                    for failure in engine.drain_failures():
+                        await self._dead_letter_failure(failure, topic, partition, offset, key)
+                for alert in alerts:
+                    await self._publish(alert)
+                last_ts = event["@timestamp"]
+            if decoded.events:
+                self.metrics.events.labels(topic).inc(len(decoded.events))
+                self.stats["events"] += len(decoded.events)
+            part.offsets[topic] = offset + 1
+            part.pending_acks.append(ack)
+            part.dirty = True
+            now = time.time()
+            if last_ts is not None:
+                self.metrics.event_delay.observe(max(0.0, now - parse_timestamp(last_ts)))
+            self.metrics.processing.observe(time.perf_counter() - started)
+            if time.monotonic() - part.last_checkpoint >= self.checkpoint_interval_s:
+                await self._checkpoint(part)
+
+    async def _publish(self, alert: dict[str, Any]) -> None:
+        alert_id = alert["event"]["id"]
+        if self._published_ids or self._published_signatures:
+            signature = alert_signature(alert)
+            if alert_id in self._published_ids or signature in self._published_signatures:
+                self.stats["duplicates"] += 1
+                self.metrics.duplicates.inc()
+                return
+        a = alert["gpusentry"]["alert"]
+        at = parse_timestamp(alert["@timestamp"])
+        suppression = self.suppressions.matching(alert, at)
+        rules = a.get("rules") or [alert["rule"]["id"]]
+        if suppression is not None:
+            self.stats["suppressed"] += 1
+            for rule in rules:
+                self.metrics.suppressed.labels(rule).inc()
+            log.info("incident update %s withheld by suppression %s", a["dedup_key"], suppression.scope)
+            return
+        alert["event"]["created"] = format_timestamp(time.time())  # ECS: when the pipeline published it
+        self._inflight.append(await self.io.send(self.topics.alerts, orjson.dumps(alert),
+                                                 key=a["dedup_key"].encode()))
+        self.stats["alerts"] += 1
+        for rule in rules:
+            self.metrics.alerts.labels(rule, a["status"]).inc()
+        if self.on_alert is not None:
+            self.on_alert(alert)
+
+    # ------------------------------------------------------------------ dead letters
+
+    async def _dead_letter_reject(self, reject: Reject, topic: str, partition: int, offset: int,
+                                  key: bytes | None, value: bytes | None) -> None:
+        original = None
+        if value is not None and len(value) <= MAX_ORIGINAL_BYTES:
+            original = value.decode("utf-8", "replace")
+        await self.dead_letter(reject.code.value, reject.reason, topic=topic, partition=partition, offset=offset,
+                               key=key, original=original, size=len(value) if value is not None else 0,
+                               index=reject.index)
+
+    async def _dead_letter_failure(self, failure: DetectorFailure, topic: str, partition: int, offset: int,
+                                   key: bytes | None) -> None:
+        self.metrics.detector_failures.labels(failure.rule_id).inc()
+        await self.dead_letter(DeadLetterReason.DETECTOR_FAILED, f"detector {failure.rule_id} raised "
+                               f"{failure.error}", topic=topic, partition=partition, offset=offset, key=key,
+                               original=orjson.dumps(failure.event).decode(), rule_id=failure.rule_id)
+
+    async def dead_letter(self, reason: str, message: str, *, topic: str, partition: int, offset: int,
+                          key: bytes | None, original: str | None = None, size: int | None = None,
+                          index: int | None = None, rule_id: str | None = None) -> None:
+        """Send one dead letter: ECS ``event.reason``/``error.*`` plus where the input sat."""
+        now = format_timestamp(time.time())
+        where: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset, "worker": self.worker_id}
+        if index is not None:
+            where["index"] = index
+        if size is not None:
+            where["size_bytes"] = size
+        if key is not None:
+            where["key_b64"] = base64.b64encode(key).decode()
+        doc: dict[str, Any] = {
+            "@timestamp": now,
+            "event": {"kind": "event", "dataset": "gpusentry.deadletter", "reason": reason, "created": now},
+            "error": {"code": reason, "message": message},
+            "gpusentry": {"deadletter": where},
+        }
+        if rule_id:
+            doc["rule"] = {"id": rule_id}
+        if original is not None:
+            doc["event"]["original"] = original
+        headers = [("reason", reason.encode()), ("topic", topic.encode()), ("partition", str(partition).encode()),
+                   ("offset", str(offset).encode())]
+        self._inflight.append(await self.io.send(self.topics.deadletter, orjson.dumps(doc), key=key,
+                                                 headers=headers))
+        self.stats["deadletters"] += 1
+        self.metrics.deadletters.labels(reason).inc()
+        log.warning("dead letter (%s) from %s[%d]@%d: %s", reason, topic, partition, offset, message[:300])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    async def _await_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, []
+        if inflight:
+            await asyncio.gather(*inflight)
+
+    async def _checkpoint(self, part: PartitionState) -> None:
+        # 1. everything sent so far is on the broker; 2. the state and offsets; 3. only then the acks.
+        await self._await_inflight()
+        marks = await self.io.alert_end_offsets()
+        record = {"format": CHECKPOINT_FORMAT, "partition": part.number, "offsets": part.offsets,
+                  "hosts": {h: self.engine.snapshot_host(h) for h in sorted(part.hosts)},
+                  "alert_marks": marks, "written_at": time.time(), "worker": self.worker_id}
+        await self.io.write_checkpoint(part.number, zlib.compress(pickle.dumps(record, pickle.HIGHEST_PROTOCOL), 1))
+        self.metrics.checkpoints.inc()
+        acks, part.pending_acks = part.pending_acks, []
+        for ack in acks:
+            ack()
+        part.dirty = False
+        part.last_checkpoint = time.monotonic()
+
+    async def checkpoint_due(self, *, force: bool = False) -> int:
+        """Checkpoint every partition with unsaved work whose interval has passed (all, when ``force``)."""
+        written = 0
+        async with self.lock:
+            now = time.monotonic()
+            for part in list(self.partitions.values()):
+                if (part.dirty or part.pending_acks) and (
+                        force or now - part.last_checkpoint >= self.checkpoint_interval_s):
+                    await self._checkpoint(part)
+                    written += 1
+        return written
+
+    async def _restore(self, number: int) -> PartitionState:
+        """Load partition ``number``'s checkpoint before its first message is processed."""
+        blob = await self.io.read_checkpoint(number)
+        part = PartitionState(number)
+        marks: dict[int, int] | None = None
+        if blob is not None:
+            record = pickle.loads(zlib.decompress(blob))  # noqa: S301 - written by a worker of this app
+            if record.get("format") != CHECKPOINT_FORMAT:
+                raise RuntimeError(f"checkpoint of partition {number} has format {record.get('format')}; "
+                                   f"this worker reads format {CHECKPOINT_FORMAT}: delete the checkpoint topic "
+                                   "to start from scratch")
+            for host, host_blob in record["hosts"].items():
+                self.engine.restore_host(host, host_blob)
+                part.hosts.add(host)
+            part.offsets = dict(record["offsets"])
+            marks = record["alert_marks"]
+            self.metrics.restores.inc()
+            log.info("restored partition %d: %d hosts, offsets %s (checkpoint by %s)", number, len(part.hosts),
+                     part.offsets, record.get("worker"))
+        if marks is not None:
+            await self._load_published(marks)
+        self.partitions[number] = part
+        # A first, empty checkpoint records where the alerts topic stood, so that even a worker killed
+        # before its first regular checkpoint is succeeded without doubled alerts.
+        if blob is None:
+            part.dirty = True
+            await self._checkpoint(part)
+        else:
+            part.last_checkpoint = time.monotonic()
+        return part
+
+    async def _load_published(self, marks: dict[int, int]) -> None:
+        for value in await self.io.read_alerts_since(marks):
+            try:
+                alert = orjson.loads(value)
+                self._published_ids.add(alert["event"]["id"])
+                self._published_signatures.add(alert_signature(alert))
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                log.warning("unreadable record on the alerts topic ignored for deduplication: %s", exc)
+
+    # ------------------------------------------------------------------ rebalance
+
+    async def assign(self, numbers: Iterable[int]) -> None:
+        """Restore newly assigned partitions now, so their first message meets its state."""
+        async with self.lock:
+            for n in sorted(set(numbers)):
+                if n not in self.partitions:
+                    await self._restore(n)
+
+    async def release(self, numbers: Iterable[int]) -> None:
+        """Checkpoint and forget partitions that move to another worker."""
+        async with self.lock:
+            for n in sorted(set(numbers)):
+                part = self.partitions.pop(n, None)
+                if part is None:
+                    continue
+                if part.dirty or part.pending_acks:
+                    await self._checkpoint(part)
+                for host in part.hosts:
+                    self.engine.forget_host(host)
+            if not self.partitions:
+                self._published_ids.clear()
+                self._published_signatures.clear()
+
+    def lag(self, highwater: Callable[[str, int], int | None]) -> None:
+        """Update the lag gauges from the consumer's high watermarks."""
+        for part in self.partitions.values():
+            for topic in self.topics.events:
+                hw = highwater(topic, part.number)
+                if hw is not None:
+                    done = part.offsets.get(topic, 0)
+                    self.metrics.lag.labels(topic, str(part.number)).set(max(0, hw - done))

@@ -1,0 +1,31 @@
+"""Timers: checkpoint idle partitions (so their messages get acknowledged) and refresh the lag gauges."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streams.app import WorkerApp
+
+
+def register(wa: WorkerApp) -> None:
+    app, pipeline = wa.app, wa.pipeline
+    interval = wa.cfg.worker.checkpoint_interval_s
+
+    @app.timer(interval, name="gpusentry.checkpoint")
+    async def checkpoint() -> None:
+        await pipeline.checkpoint_due()
+
+    @app.timer(5.0, name="gpusentry.lag")
+    async def lag() -> None:
+        consumer: Any = app.consumer
+
+        def highwater(topic: str, partition: int) -> int | None:
+            from faust.types import TP
+
+            try:
+                return int(consumer.highwater(TP(topic, partition)))
+            except (KeyError, TypeError, ValueError, AssertionError):
+                return None  # not fetched yet
+
+        pipeline.lag(highwater)

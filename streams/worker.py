@@ -1,0 +1,120 @@
+"""``gpusentry worker``: run one stream worker until SIGINT/SIGTERM.
+
+Scale out by starting more workers with the same ``worker.app_id`` (they form one consumer group) on
+topics with at least as many partitions as workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+import mode
+from aiokafka.errors import KafkaError
+
+from gpusentry.config import Config
+from streams.app import WorkerApp, build_app
+from streams.feedback import FeedbackError, parse_feedback
+from streams.kafka_io import checkpoint_topic, follow_feedback
+from streams.pipeline import DeadLetterReason
+
+log = logging.getLogger(__name__)
+
+
+class TopicsMissing(RuntimeError):
+    pass
+
+
+def ensure_topics(cfg: Config, *, create: bool) -> int:
+    """Check (or create) the topics; create the checkpoint topic.  Returns the event partition count."""
+    from confluent_kafka import KafkaError as CKafkaError
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(cfg.kafka.confluent_config())
+    try:
+        existing = admin.list_topics(timeout=15).topics
+    except KafkaException as exc:
+        raise TopicsMissing(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers!r}: {exc}; check "
+                            "kafka.bootstrap_servers and the security settings") from None
+    wanted: list[Any] = []
+    missing = [t for t in cfg.topics.all() if t not in existing]
+    if missing and not create:
+        raise TopicsMissing(f"topics missing: {', '.join(missing)}; create them, or run "
+                            "`gpusentry worker --create-topics` once")
+    wanted += [NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=-1) for t in missing]
+    counts = {len(existing[t].partitions) for t in cfg.topics.event_topics().values() if t in existing}
+    if len(counts) > 1:
+        raise TopicsMissing("the four event topics must have the same number of partitions (a host's events "
+                            f"must meet in one partition number); found {sorted(counts)}")
+    partitions = counts.pop() if counts else cfg.kafka.partitions
+    ckpt = checkpoint_topic(cfg)
+    if ckpt in existing and len(existing[ckpt].partitions) < partitions:
+        raise TopicsMissing(f"checkpoint topic {ckpt!r} has {len(existing[ckpt].partitions)} partitions, fewer than "
+                            f"the {partitions} of the event topics; add partitions to it")
+    if ckpt not in existing:
+        wanted.append(NewTopic(ckpt, num_partitions=partitions, replication_factor=-1,
+                               config={"cleanup.policy": "compact",
+                                       "max.message.bytes": str(cfg.worker.checkpoint_max_bytes + 65536)}))
+    if wanted:
+        for name, future in admin.create_topics(wanted, operation_timeout=30, request_timeout=30).items():
+            try:
+                future.result(30)
+            except KafkaException as exc:
+                if exc.args[0].code() != CKafkaError.TOPIC_ALREADY_EXISTS:
+                    raise TopicsMissing(f"could not create topic {name!r}: {exc}") from None
+    return partitions
+
+
+class PipelineService(mode.Service):
+    """Starts before the faust app and stops after it: own clients, feedback reader, metrics server."""
+
+    def __init__(self, wa: WorkerApp, **kwargs: Any) -> None:
+        self.wa = wa
+        self._stop_feedback = asyncio.Event()
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        await self.wa.clients.start()
+        w = self.wa.cfg.worker
+        if w.metrics_port:
+            self.wa.metrics.serve(w.metrics_port, w.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", w.metrics_host, w.metrics_port)
+        self.add_future(follow_feedback(self.wa.cfg, self._on_feedback, self._stop_feedback))
+
+    async def _on_feedback(self, value: bytes | None, partition: int, offset: int) -> None:
+        try:
+            verdict, suppression = parse_feedback(value)
+        except FeedbackError as exc:
+            await self.wa.pipeline.dead_letter(DeadLetterReason.BAD_FEEDBACK, str(exc),
+                                               topic=self.wa.cfg.topics.feedback, partition=partition,
+                                               offset=offset, key=None,
+                                               original=value.decode("utf-8", "replace")[:65536] if value else None)
+            return
+        self.wa.suppressions.apply(verdict, suppression)
+        self.wa.metrics.feedback.set(len(self.wa.suppressions))
+        log.info("feedback: %s %s (expires %s)", verdict, dict(suppression.scope), suppression.expires)
+
+    async def on_stop(self) -> None:
+        self._stop_feedback.set()
+        try:
+            written = await self.wa.pipeline.checkpoint_due(force=True)
+            log.info("final checkpoints written: %d", written)
+        except KafkaError as exc:
+            log.warning("final checkpoint failed (%s); the next worker replays from the last one", exc)
+        await self.wa.clients.stop()
+
+
+def run_worker(cfg: Config, *, create_topics: bool = False) -> int:
+    ensure_topics(cfg, create=create_topics)
+    wa = build_app(cfg)
+    service = PipelineService(wa)
+    worker = faust.Worker(wa.app, service, loglevel=cfg.logging.level.lower(), quiet=True,
+                          override_logging=False, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
