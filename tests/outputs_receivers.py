@@ -19,6 +19,7 @@ Rules checked:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -197,7 +198,9 @@ class Receivers:
         for k, val in (headers or {}).items():
             h.send_header(k, val)
         h.end_headers()
-        h.wfile.write(data)
+        # The client may have given up (a "hang" answer outlives its timeout).
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            h.wfile.write(data)
 
     def _json(self, h: BaseHTTPRequestHandler, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
         self._reply(h, status, json.dumps(doc), headers, "application/json")
@@ -210,7 +213,8 @@ class Receivers:
             with self.lock:
                 self.requests.append((path, "hang"))
             time.sleep(self.hang_s)
-            self._reply(h, 200, "late")
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._reply(h, 200, "late")
             return
         if planned is not None:
             status, headers, text = planned if isinstance(planned, tuple) else (planned, {}, "")
