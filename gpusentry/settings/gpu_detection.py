@@ -40,7 +40,7 @@ class GpuDetectionSettings(Section):
     anomaly_tree_height: int = Field(
         6, ge=2, le=12, description="Height of each tree; the pickled model doubles with every level.")
     anomaly_reference_windows: int = Field(
-        30, ge=5, description="Windows in each half-space-trees reference period.")
+        20, ge=5, description="Windows in each half-space-trees reference period.")
 
     signature_medium: float = Field(
         0.72, gt=0, le=1, description="Mining-signature score (0..1) that raises a medium finding when held "

@@ -1,0 +1,245 @@
+"""Online models of one GPU's windowed behaviour, all on river's contract.
+
+Every model here follows river's anomaly-detector interface so the same check suite
+(tests/test_gpu_models.py) runs over all of them:
+
+* ``learn_one(x)`` updates the model in place and returns nothing;
+* ``score_one(x)`` returns a float in [0, 1], higher = more anomalous (or more miner-like), and
+  never changes the model, so a caller scores *before* it learns and can keep flagged windows out
+  of training;
+* ``x`` is a window's feature dict (:data:`detectors.gpu._window.FEATURES`): unknown keys are
+  ignored, missing keys and ``None`` values are tolerated;
+* ``clone()`` returns a fresh, untrained model with the same parameters;
+* state is small and bounded (it is pickled per host into worker checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from river import anomaly, drift
+
+Features = Mapping[str, float | None]
+
+GIB = 2**30
+
+
+class GpuModel:
+    """Base of the GPU models (the check suite finds every subclass)."""
+
+    def learn_one(self, x: Features) -> None:
+        raise NotImplementedError
+
+    def score_one(self, x: Features) -> float:
+        raise NotImplementedError
+
+    def _params(self) -> dict[str, Any]:
+        return {}
+
+    def clone(self) -> GpuModel:
+        return type(self)(**self._params())
+
+
+def _clip01(v: float) -> float:
+    return 0.0 if v < 0.0 else 1.0 if v > 1.0 else v
+
+
+def _ramp(v: float, lo: float, hi: float) -> float:
+    """0 at ``lo``, 1 at ``hi``, linear between (``lo > hi`` ramps downwards)."""
+    return _clip01((v - lo) / (hi - lo))
+
+
+# --------------------------------------------------------------------- behaviour (half-space trees)
+
+# Feature -> scale to [0, 1].  Fixed scales (rather than a learned min-max scaler) make scores
+# meaningful from the first window and keep the state down to the trees themselves.
+BEHAVIOUR_SCALES: dict[str, float] = {
+    "util_mean": 100.0, "util_std": 50.0, "mem_pct": 100.0, "used_frac": 1.0, "power_frac": 1.0,
+    "sm_frac": 1.0, "memclk_frac": 1.0, "pcie_log": 11.0,
+}
+
+
+class HalfSpaceBehaviour(GpuModel):
+    """What is normal for this GPU: river's HalfSpaceTrees over the scaled window features.
+
+    A feature a window lacks takes the last value seen for it (or the middle of its range), so
+    a sensor that stops reporting does not look like a change of behaviour.
+    """
+
+    def __init__(self, n_trees: int = 10, height: int = 6, window_size: int = 20, seed: int = 42) -> None:
+        self.n_trees, self.height, self.window_size, self.seed = n_trees, height, window_size, seed
+        self.trees = anomaly.HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, seed=seed)
+        self.last: dict[str, float] = {}
+        self.n_learned = 0
+
+    def _params(self) -> dict[str, Any]:
+        return {"n_trees": self.n_trees, "height": self.height, "window_size": self.window_size, "seed": self.seed}
+
+    def _scaled(self, x: Features) -> dict[str, float]:
+        out = {}
+        for key, scale in BEHAVIOUR_SCALES.items():
+            v = x.get(key)
+            if v is None or not math.isfinite(v):
+                out[key] = self.last.get(key, 0.5)
+            else:
+                out[key] = _clip01(v / scale)
+        return out
+
+    def learn_one(self, x: Features) -> None:
+        scaled = self._scaled(x)
+        self.trees.learn_one(scaled)
+        self.last = scaled
+        self.n_learned += 1
+
+    def score_one(self, x: Features) -> float:
+        if self.n_learned < self.window_size:
+            return 0.0  # the trees have no reference mass before their first full window
+        return _clip01(float(self.trees.score_one(self._scaled(x))))
+
+
+# --------------------------------------------------------------------- mining signature
+
+
+class MiningSignature(GpuModel):
+    """How much a busy window looks like cryptocurrency mining (0..1), and why.
+
+    Components (weights sum to 1), each from what miners do and AI work does not:
+
+    * ``flat`` (0.2): utilisation pinned near 100 % with little spread; training dips, inference
+      bursts, notebooks idle;
+    * ``small_footprint`` (0.15): a DAG-sized allocation (ethash ~5-6 GiB, kawpow ~4 GiB, autolykos
+      ~3-4 GiB; under 10 GiB and under half the board) on a busy GPU; training and LLM serving fill
+      the board;
+    * ``memory_bound`` (0.15): the memory controller busy (>= 60 %) against that small footprint;
+    * ``quiet_pcie`` (0.15): almost no host traffic (a miner receives a job header a few times a
+      minute; training and inference stream data);
+    * ``tuned`` (0.2): power limit lowered below the board default, or the core clock held well
+      under its maximum while power is not the limit, with the memory clock at or above stock;
+    * ``no_dips`` (0.15): no checkpoint or evaluation dips over the remembered busy windows.
+
+    Burn-in tests at 100 % (gpu-burn, dcgmi diag) are flat, quiet and dip-free but fill the
+    memory and run at the stock power limit: they score about 0.5.
+    """
+
+    WEIGHTS = {"flat": 0.2, "small_footprint": 0.15, "memory_bound": 0.15, "quiet_pcie": 0.15, "tuned": 0.2,
+               "no_dips": 0.15}
+
+    def __init__(self, history: int = 6, busy_pct: float = 20.0) -> None:
+        self.history = history
+        self.busy_pct = busy_pct
+        self.recent_min_util: deque[float] = deque(maxlen=history)
+        self.was_busy = False
+
+    def _params(self) -> dict[str, Any]:
+        return {"history": self.history, "busy_pct": self.busy_pct}
+
+    def components(self, x: Features) -> dict[str, float]:
+        """Each component's value in [0, 1] (0 when its inputs are missing)."""
+        def f(key: str) -> float | None:
+            v = x.get(key)
+            return v if v is not None and math.isfinite(v) else None
+
+        util_mean, util_std, util_min = f("util_mean"), f("util_std"), f("util_min")
+        used_gib, used_frac, mem_pct = f("used_gib"), f("used_frac"), f("mem_pct")
+        out = dict.fromkeys(self.WEIGHTS, 0.0)
+        if util_mean is None or util_mean < self.busy_pct:
+            return out
+        if util_std is not None:
+            out["flat"] = _ramp(util_mean, 80, 95) * _ramp(util_std, 8, 3)
+        small = False
+        if used_gib is not None:
+            small = 1.0 <= used_gib <= 10.0 and (used_frac is None or used_frac <= 0.5)
+            out["small_footprint"] = 1.0 if small else 0.0
+        if small and mem_pct is not None:
+            out["memory_bound"] = _ramp(mem_pct, 40, 70)
+        pcie_log = f("pcie_log")
+        if pcie_log is not None:
+            out["quiet_pcie"] = _ramp(pcie_log, 8.0, 7.0)  # 100 MB/s -> 0, 10 MB/s -> 1
+        limit_frac, sm_frac, power_frac, memclk = f("limit_frac"), f("sm_frac"), f("power_frac"), f("memclk_frac")
+        capped = limit_frac is not None and limit_frac <= 0.85
+        underclocked = (sm_frac is not None and sm_frac <= 0.8 and power_frac is not None and power_frac <= 0.85
+                        and (memclk is None or memclk >= 0.97))
+        out["tuned"] = 1.0 if capped or underclocked else 0.0
+        mins = list(self.recent_min_util)
+        if util_min is not None and self.was_busy:
+            mins.append(util_min)
+        if len(mins) >= 1:
+            out["no_dips"] = _ramp(min(mins), 50, 80)
+        return out
+
+    def score_one(self, x: Features) -> float:
+        parts = self.components(x)
+        return _clip01(sum(self.WEIGHTS[k] * v for k, v in parts.items()))
+
+    def learn_one(self, x: Features) -> None:
+        util_mean, util_min = x.get("util_mean"), x.get("util_min")
+        if util_mean is None or util_min is None or not math.isfinite(util_min):
+            return
+        busy = util_mean >= self.busy_pct
+        if self.was_busy:
+            # A window after a busy one: its low point is a dip (an idle window is the deepest dip).
+            # The window in which an idle GPU comes into use is not: the work had not begun.
+            self.recent_min_util.append(util_min)
+        self.was_busy = busy
+
+
+# --------------------------------------------------------------------- drift (ADWIN)
+
+DRIFT_FEATURES = ("util_mean", "power_frac")
+
+
+class DriftMonitor(GpuModel):
+    """ADWIN on each window's mean utilisation and power draw (as a fraction of the limit).
+
+    ``score_one`` is how far a window sits from the current ADWIN estimates (0..1, in units of
+    the feature's range); ``learn_one`` feeds the detectors and leaves ``drifted`` naming the
+    features whose distribution just changed.
+    """
+
+    SCALES = {"util_mean": 100.0, "power_frac": 1.0}
+
+    def __init__(self, delta: float = 0.002) -> None:
+        self.delta = delta
+        # clock=1: check for drift on every window (windows are few; the default checks every 32nd)
+        self.adwins = {k: drift.ADWIN(delta=delta, clock=1) for k in DRIFT_FEATURES}
+        self.drifted: tuple[str, ...] = ()
+        self.before: dict[str, float] = {}
+
+    def _params(self) -> dict[str, Any]:
+        return {"delta": self.delta}
+
+    def score_one(self, x: Features) -> float:
+        dist = 0.0
+        for key, adwin in self.adwins.items():
+            v = x.get(key)
+            if v is None or not math.isfinite(v) or adwin.width == 0:
+                continue
+            dist = max(dist, abs(v / self.SCALES[key] - adwin.estimation / self.SCALES[key]))
+        return _clip01(dist)
+
+    def learn_one(self, x: Features) -> None:
+        drifted = []
+        for key, adwin in self.adwins.items():
+            v = x.get(key)
+            if v is None or not math.isfinite(v):
+                continue
+            before = adwin.estimation
+            adwin.update(_clip01(v / self.SCALES[key]) * self.SCALES[key])
+            if adwin.drift_detected:
+                drifted.append(key)
+                self.before[key] = before
+        self.drifted = tuple(drifted)
+
+
+def all_model_classes() -> list[type[GpuModel]]:
+    """Every GpuModel subclass (for the shared check suite)."""
+    out: list[type[GpuModel]] = []
+    todo = list(GpuModel.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out

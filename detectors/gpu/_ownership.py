@@ -1,0 +1,134 @@
+"""Who owns the work on a GPU: the configured allowlist, learned jobs, and the host's process table.
+
+A GPU process is *owned* when
+
+* its executable matches ``[detection.gpu] allowed_executables`` (globs on the full path; the
+  process name is checked against ``allowed_process_names`` only when the path is unknown), or
+  its user / container is allowlisted (both known from the host's process events); or
+* it belongs to the *job* learned on that GPU: the owned processes found on the GPU when it came
+  into use, and their descendants (a training script's dataloader workers, torchrun's ranks); or
+* its program was seen on the host's GPUs during ``learn_jobs_for_s`` after the host was first seen.
+
+The process table remembers what process events said about each pid (parent, user, container),
+bounded, so it can be pickled into checkpoints.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from detectors.gpu._window import GpuProc
+from gpusentry.settings.gpu_detection import GpuDetectionSettings
+
+MAX_PROCESSES = 4096  # process-table entries kept per host (oldest dropped first)
+MAX_ANCESTRY = 12
+
+
+@dataclass(slots=True)
+class ProcInfo:
+    ppid: int | None
+    name: str | None
+    executable: str | None
+    user: str | None
+    container: str | None
+    command_line: str | None
+
+
+class ProcessTable:
+    """pid -> what the last process ``start`` event said about it (ended pids are dropped)."""
+
+    __slots__ = ("procs",)
+
+    def __init__(self) -> None:
+        self.procs: dict[int, ProcInfo] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"procs": self.procs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.procs = state["procs"]
+
+    def observe(self, event: dict[str, Any]) -> None:
+        p = event.get("process") or {}
+        pid = p.get("pid")
+        if type(pid) is not int:
+            return
+        if event["event"]["type"] == ["end"]:
+            self.procs.pop(pid, None)
+            return
+        parent = p.get("parent") or {}
+        ppid = parent.get("pid")
+        self.procs.pop(pid, None)  # re-insert: dict order is age order
+        self.procs[pid] = ProcInfo(ppid if type(ppid) is int else None, p.get("name"), p.get("executable"),
+                                   (event.get("user") or {}).get("name"), (event.get("container") or {}).get("id"),
+                                   p.get("command_line"))
+        if len(self.procs) > MAX_PROCESSES:
+            del self.procs[next(iter(self.procs))]
+
+    def get(self, pid: int) -> ProcInfo | None:
+        return self.procs.get(pid)
+
+    def ancestors(self, pid: int) -> list[int]:
+        out: list[int] = []
+        seen = {pid}
+        info = self.procs.get(pid)
+        while info is not None and info.ppid is not None and info.ppid not in seen and len(out) < MAX_ANCESTRY:
+            out.append(info.ppid)
+            seen.add(info.ppid)
+            info = self.procs.get(info.ppid)
+        return out
+
+
+class Allowlist:
+    """The configured allowlist, compiled once."""
+
+    def __init__(self, settings: GpuDetectionSettings) -> None:
+        pattern = "|".join(fnmatch.translate(g) for g in settings.allowed_executables) or r"(?!)"
+        self._exe = re.compile(pattern)
+        self._names = frozenset(settings.allowed_process_names)
+        self._users = frozenset(settings.allowed_users)
+        self._containers = tuple(settings.allowed_container_ids)
+
+    def allows(self, proc: GpuProc, info: ProcInfo | None) -> bool:
+        exe = proc.executable or (info.executable if info else None)
+        if exe:
+            if self._exe.match(exe):
+                return True
+        else:
+            name = proc.name or (info.name if info else None)
+            if name and name in self._names:
+                return True
+        if info is not None:
+            if info.user and info.user in self._users:
+                return True
+            if info.container and any(info.container.startswith(c) for c in self._containers if c):
+                return True
+        return False
+
+
+def program_of(proc: GpuProc, info: ProcInfo | None) -> str | None:
+    """The program identity used for learned jobs: executable path, else name."""
+    return proc.executable or (info.executable if info else None) or proc.name or (info.name if info else None)
+
+
+def describe(proc: GpuProc, info: ProcInfo | None) -> str:
+    exe = proc.executable or (info.executable if info else None)
+    name = proc.name or (info.name if info else None)
+    what = exe or name or "an unidentified process"
+    return f"{what} (pid {proc.pid})"
+
+
+def process_fields(proc: GpuProc, info: ProcInfo | None) -> dict[str, Any]:
+    """ECS fields of a GPU process for the incident."""
+    fields: dict[str, Any] = {"process.pid": proc.pid,
+                              "process.name": proc.name or (info.name if info else None),
+                              "process.executable": proc.executable or (info.executable if info else None),
+                              "process.command_line": proc.command_line or (info.command_line if info else None)}
+    if info is not None:
+        fields["user.name"] = info.user
+        fields["container.id"] = info.container
+        fields["process.parent.pid"] = info.ppid
+    return fields

@@ -1,0 +1,133 @@
+"""GPU work that no known job or allowlisted program owns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from detectors.base import Detector, Example, Finding, Signal
+from detectors.examples import proc
+from detectors.gpu._examples import TRAINER, gproc, idle, mining, training
+from detectors.gpu._ownership import Allowlist, ProcessTable, describe, process_fields, program_of
+from detectors.gpu._window import read_sample
+from gpusentry.contract import Dataset, event_time
+
+# While an unowned process stays on a GPU its finding is repeated this often (event time), so the
+# incident stays open (it resolves after [detection] resolve_after_s without evidence).
+REPEAT_S = 120.0
+MAX_TRACKED = 64  # unowned pids remembered per host
+
+
+@dataclass
+class _Gpu:
+    job: set[int] = field(default_factory=set)  # pids of the job learned when the GPU came into use
+    job_program: str | None = None
+
+
+@dataclass
+class OwnershipState:
+    table: ProcessTable = field(default_factory=ProcessTable)
+    gpus: dict[str, _Gpu] = field(default_factory=dict)
+    first_seen: float | None = None
+    learned_programs: set[str] = field(default_factory=set)
+    reported: dict[tuple[str, int], float] = field(default_factory=dict)  # (uuid, pid) -> last finding time
+
+
+class UnownedGpuProcess(Detector):
+    id = "gpu.unowned_process"
+    title = "GPU process that no known job or allowed program owns"
+    description = ("A process is using a GPU but is neither an allowlisted program, user or container, nor "
+                   "part of the job that was running when the GPU came into use. A second process on a GPU a "
+                   "training job already uses is reported at high severity.")
+    severity = "medium"
+    technique = "T1496.001"
+    references = ("https://attack.mitre.org/techniques/T1496/001/",
+                  "https://docs.nvidia.com/deploy/nvml-api/group__nvmlDeviceQueries.html")
+    datasets = frozenset({Dataset.GPU, Dataset.PROCESS})
+    signal = Signal.GPU_UNOWNED
+
+    examples: ClassVar[list[Example]] = [
+        Example("miner from /dev/shm on an idle gpu", True, idle(0, 3) + mining(30, 3)),
+        Example("second process on a training job's gpu", True,
+                training(0, 3) + mining(30, 3, exe="/home/ml/.cache/pt_worker",
+                                        extra=[gproc(2000, TRAINER, gib=70, sm=None)])),
+        Example("training job", False, training(0, 6)),
+        Example("dataloader worker spawned by the training job", False,
+                training(0, 2) + [proc("/usr/bin/python3.10 -c from multiprocessing.spawn import spawn_main",
+                                       t=20, pid=2001, parent="python3", parent_pid=2000)]
+                + training(30, 3, pid=2001)),
+        Example("idle gpu", False, idle(0, 5)),
+    ]
+
+    def __init__(self, settings: Any = None) -> None:
+        super().__init__(settings)
+        self.allowlist = Allowlist(self.settings.gpu)
+
+    def new_state(self) -> OwnershipState:
+        return OwnershipState()
+
+    def process(self, event: dict[str, Any], state: OwnershipState) -> Iterable[Finding]:
+        if event["event"]["dataset"] == Dataset.PROCESS.value:
+            state.table.observe(event)
+            return ()
+        s = read_sample(event)
+        if state.first_seen is None:
+            state.first_seen = s.ts
+        gpu = state.gpus.get(s.uuid)
+        if gpu is None:
+            gpu = state.gpus[s.uuid] = _Gpu()
+        procs = s.procs
+        if not procs:
+            gpu.job.clear()  # nothing on the GPU: its job has ended
+            return ()
+        g = self.settings.gpu
+        learning = g.learn_jobs_for_s > 0 and s.ts - state.first_seen < g.learn_jobs_for_s
+        table = state.table
+        present = {p.pid for p in procs}
+        gpu.job &= present
+        had_job = bool(gpu.job)
+        unowned = []
+        for p in procs:
+            if p.pid in gpu.job:
+                continue
+            info = table.get(p.pid)
+            program = program_of(p, info)
+            if learning and program:
+                state.learned_programs.add(program)
+            if gpu.job and any(a in gpu.job for a in table.ancestors(p.pid)):
+                gpu.job.add(p.pid)  # a child of the job (dataloader worker, rank): part of it
+                continue
+            if self.allowlist.allows(p, info) or (program is not None and program in state.learned_programs):
+                if not had_job:
+                    gpu.job.add(p.pid)  # the GPU comes into use: this is its job
+                    gpu.job_program = program
+                continue
+            unowned.append((p, info))
+        findings = []
+        for p, info in unowned:
+            key = (s.uuid, p.pid)
+            last = state.reported.get(key)
+            if last is not None and s.ts - last < REPEAT_S:
+                continue
+            state.reported.pop(key, None)
+            state.reported[key] = s.ts
+            if len(state.reported) > MAX_TRACKED:
+                del state.reported[next(iter(state.reported))]
+            identified = p.executable or p.name or (info is not None and (info.executable or info.name))
+            if gpu.job:
+                severity = "high"
+                message = (f"{describe(p, info)} shares GPU {s.index} with the job {gpu.job_program} "
+                           f"(pid {min(gpu.job)}) and is not part of it")
+            elif identified:
+                severity = "medium"
+                message = f"{describe(p, info)} uses GPU {s.index}; no known job or allowed program owns it"
+            else:
+                severity = "low"
+                message = f"an unidentified process (pid {p.pid}) uses GPU {s.index}"
+            fields = process_fields(p, info)
+            fields.update({"gpu.index": s.index, "gpu.uuid": s.uuid})
+            findings.append(self.finding(event, message, timestamp=event_time(event), severity=severity,
+                                         fields=fields))
+        return findings
+
