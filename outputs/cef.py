@@ -36,7 +36,7 @@ def escape_header(value: Any) -> str:
 
 def escape_extension(value: Any) -> str:
     text = str(value).replace("\\", "\\\\").replace("=", "\\=")
-    return text.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\r")
+    return text.replace("\n", "\\n").replace("\r", "\\r")
 
 
 def cef_severity(alert: Alert) -> int:
