@@ -45,6 +45,7 @@ _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 _PROC_EVENT_HDR = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
 _EVENT_OFFSET = _NLMSGHDR.size + _CN_MSG.size + _PROC_EVENT_HDR.size
 KERNEL_THREADD = 2
+FORK_GRACE_S = 0.5
 
 
 class NetlinkUnavailable(RuntimeError):
@@ -134,6 +135,8 @@ class ProcessCollector:
         self._connector: ProcConnector | None = None
         self._self_test_pid: int | None = None
         self._self_test_seen = threading.Event()
+        self._self_test_pending = True
+        self._self_test_execs: set[int] = set()
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -158,7 +161,12 @@ class ProcessCollector:
         child = subprocess.Popen(["/bin/true"] if os.path.exists("/bin/true") else ["true"])
         self._self_test_pid = child.pid
         child.wait()
-        if not self._self_test_seen.wait(2.0):
+        deadline = time.monotonic() + 2.0
+        while child.pid not in self._self_test_execs and time.monotonic() < deadline:
+            self._self_test_seen.wait(0.05)
+            self._self_test_seen.clear()
+        self._self_test_pending = False
+        if child.pid not in self._self_test_execs:
             self._connector.close()
             self._connector = None
             raise NetlinkUnavailable("process-events connector sends nothing here (not the host network "
@@ -180,7 +188,8 @@ class ProcessCollector:
             self._forked[pid] = (info, time.time())
 
     def _on_exec(self, pid: int) -> None:
-        if pid == self._self_test_pid:
+        if self._self_test_pending:
+            self._self_test_execs.add(pid)
             self._self_test_seen.set()
         now = time.time()
         info = self.procfs.process(pid)  # read at once: a short-lived process is gone a moment later
@@ -265,10 +274,14 @@ class ProcessCollector:
         else:
             with self._lock:
                 events = self._drain()
-                # Forked children that never exec'd and are still running: report them like poll would.
-                for pid, (info, seen) in list(self._forked.items()):
+                # Forked children that have not exec'd after a while (workers, daemons): report them like
+                # poll would.  The grace keeps the usual fork-then-exec from showing up twice.
+                for pid, (forked, seen) in list(self._forked.items()):
+                    if time.time() - seen < FORK_GRACE_S:
+                        continue
+                    self._forked.pop(pid)
+                    info = self.procfs.process(pid) or forked
                     if info is not None and not self._is_kernel_thread(info):
-                        self._forked.pop(pid)
                         self.known[pid] = info
                         events.append(self._event("start", info, seen))
         self.metrics.events.labels(self.name).inc(len(events))
