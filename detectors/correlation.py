@@ -1,17 +1,31 @@
 """Correlation: a host's findings become one incident, updated as evidence grows, resolved when it stops.
 
-One hijack is one incident, not fifty alerts.  Findings are grouped per host; the incident's
-severity is the strongest finding's, raised one step for each further independent kind of
-evidence (a GPU behaving like a miner *and* pool traffic is worse than either).  An alert is
-published when the incident opens, when its severity rises or a new kind of evidence joins, and
-otherwise at most every ``update_interval_s`` while evidence keeps coming; ``resolve_after_s`` of
-event time without evidence resolves it.  The incident also prices itself: GPU-seconds and energy
-of the implicated GPUs from the first evidence on.
+One hijack is one incident, not fifty alerts.  Findings are grouped per host into the host's
+current incident.  Its severity comes from the independent *kinds* of evidence (see
+:class:`detectors.base.Signal`), never from the number of findings:
+
+* the strongest kind's severity is the base;
+* each further kind that is at least ``medium`` raises it one step (a GPU behaving like a miner
+  *and* pool traffic is worse than either);
+* three or more kinds, however weak each, make it at least ``medium``;
+* it never goes down while the incident is open.
+
+So lone weak signals (an odd path, a GPU a little unlike its normal) stay ``low``, and a miner
+flag set (``high``) plus pool contact (``high``) is ``critical``.
+
+An alert (the ``gpusentry.alert`` contract, docs/alerts.md) is published when the incident
+opens, when its severity rises or a new kind of evidence joins, at most every
+``update_interval_s`` while evidence keeps coming, and once when it resolves:
+``resolve_after_s`` of event time on that host without new evidence while no implicated process
+is seen running on a GPU.  The incident also prices
+itself: GPU-seconds, energy and money of the implicated GPUs from the first evidence on.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +35,15 @@ from gpusentry.settings.detection import DetectionSettings, PricingSettings
 from gpusentry.timefmt import format_timestamp
 
 TECHNIQUE_NAMES = {"T1496": "Resource Hijacking", "T1496.001": "Compute Hijacking"}
+TECHNIQUE_REFERENCES = {"T1496": "https://attack.mitre.org/techniques/T1496/",
+                        "T1496.001": "https://attack.mitre.org/techniques/T1496/001/"}
+TACTIC = ("TA0040", "Impact", "https://attack.mitre.org/tactics/TA0040/")
 # Gaps longer than this between two samples of a GPU are not counted as stolen time.
 MAX_SAMPLE_GAP_S = 60.0
+# rule.* of an incident whose strongest evidence comes from a rule the correlator has no metadata for.
 RULE_ID = "gpusentry.incident"
 RULE_NAME = "GPU/compute hijacking incident"
+RULESET = "gpusentry"
 
 
 @dataclass
@@ -34,8 +53,11 @@ class Incident:
     last_evidence_at: float
     severity: str = "low"
     signals: set[str] = field(default_factory=set)
+    signal_severity: dict[str, str] = field(default_factory=dict)  # kind -> strongest severity seen
     rules: set[str] = field(default_factory=set)
-    evidence: list[dict[str, Any]] = field(default_factory=list)
+    top: tuple[int, float, str, str] | None = None  # (severity rank, score, rule id, message) of the strongest
+    first_evidence: list[dict[str, Any]] = field(default_factory=list)
+    latest_evidence: deque[dict[str, Any]] = field(default_factory=deque)
     evidence_count: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
     gpus: set[str] = field(default_factory=set)
@@ -48,6 +70,17 @@ class Incident:
     energy_kwh: float = 0.0
     usd: float = 0.0
     last_sample_at: dict[str, float] = field(default_factory=dict)
+    # Event time an implicated process was last seen running on a GPU: a miner found once, at its start,
+    # keeps its incident open for as long as it runs.
+    last_seen_running_at: float = 0.0
+
+    @property
+    def last_active_at(self) -> float:
+        return max(self.last_evidence_at, self.last_seen_running_at)
+
+    @property
+    def evidence(self) -> list[dict[str, Any]]:
+        return self.first_evidence + list(self.latest_evidence)
 
 
 @dataclass
@@ -58,8 +91,15 @@ class HostIncidents:
     gpu_names: dict[str, str] = field(default_factory=dict)
 
 
-def _raise(severity: str, steps: int) -> str:
-    return SEVERITIES[min(len(SEVERITIES) - 1, SEVERITIES.index(severity) + steps)]
+def incident_severity(signal_severity: Mapping[str, str]) -> str:
+    """Severity of a set of evidence kinds (see the module docstring)."""
+    ranks = sorted((SEVERITIES.index(s) for s in signal_severity.values()), reverse=True)
+    if not ranks:
+        return SEVERITIES[0]
+    level = ranks[0] + sum(1 for r in ranks[1:] if r >= 1)
+    if len(ranks) >= 3:
+        level = max(level, 1)
+    return SEVERITIES[min(level, len(SEVERITIES) - 1)]
 
 
 def gpu_hour_price(pricing: PricingSettings, gpu_name: str | None) -> float:
@@ -71,24 +111,27 @@ def gpu_hour_price(pricing: PricingSettings, gpu_name: str | None) -> float:
 
 
 class Correlator:
-    def __init__(self, settings: DetectionSettings) -> None:
+    def __init__(self, settings: DetectionSettings, rules: Mapping[str, tuple[str, str]] | None = None) -> None:
+        """``rules`` maps rule ids to (name, description), for the ``rule.*`` fields of alerts."""
         self.settings = settings
+        self.rules = dict(rules or {})
 
     def observe(self, host: str, event: dict[str, Any], ts: float, findings: list[Finding],
                 state: HostIncidents) -> list[dict[str, Any]]:
         alerts: list[dict[str, Any]] = []
         inc = state.current
-        if inc is not None and not findings and ts - inc.last_evidence_at >= self.settings.resolve_after_s:
-            self._account(inc, event, ts, state)
-            if inc.published_severity is not None:
-                alerts.append(self._alert(host, inc, ts, "resolved", state))
-            state.current = inc = None
-        if event["event"]["dataset"] == Dataset.GPU.value:
-            uuid = get(event, "gpu.uuid")
-            if uuid and get(event, "gpu.name"):
-                state.gpu_names[uuid] = event["gpu"]["name"]
+        is_gpu = event["event"]["dataset"] == Dataset.GPU.value
+        if is_gpu:
+            gpu = event.get("gpu")
+            if isinstance(gpu, dict):
+                uuid, name = gpu.get("uuid"), gpu.get("name")
+                if uuid and name and state.gpu_names.get(uuid) != name:
+                    state.gpu_names[uuid] = name
             if inc is not None:
                 self._account(inc, event, ts, state)
+        if inc is not None and not findings and ts - inc.last_active_at >= self.settings.resolve_after_s:
+            alerts.extend(self._resolve(host, inc, ts, state))
+            inc = None
         if not findings:
             return alerts
         if inc is None:
@@ -97,39 +140,59 @@ class Correlator:
             inc = state.current = Incident(dedup_key=f"gpusentry-{host}-{key}"[:255], opened_at=ts,
                                            last_evidence_at=ts)
         self._add(inc, findings, ts)
-        if event["event"]["dataset"] == Dataset.GPU.value:
+        if is_gpu:
             self._account(inc, event, ts, state)
         if self._should_publish(inc, ts):
             alerts.append(self._alert(host, inc, ts, "open", state))
         return alerts
 
+    def expire(self, host: str, watermark: float, state: HostIncidents) -> list[dict[str, Any]]:
+        """Resolve the host's incident if ``watermark`` (event time) is past its quiet period."""
+        inc = state.current
+        if inc is None or watermark - inc.last_active_at < self.settings.resolve_after_s:
+            return []
+        return self._resolve(host, inc, watermark, state)
+
+    def _resolve(self, host: str, inc: Incident, ts: float, state: HostIncidents) -> list[dict[str, Any]]:
+        state.current = None
+        if inc.published_severity is None:
+            return []  # never published (below min_alert_severity): nothing to close downstream
+        return [self._alert(host, inc, ts, "resolved", state)]
+
     def _add(self, inc: Incident, findings: list[Finding], ts: float) -> None:
         inc.last_evidence_at = max(inc.last_evidence_at, ts)
+        max_evidence = self.settings.max_evidence
+        keep_first = max(1, max_evidence // 2)
+        if inc.latest_evidence.maxlen != max_evidence - keep_first:
+            inc.latest_evidence = deque(inc.latest_evidence, maxlen=max(0, max_evidence - keep_first))
         for f in findings:
             inc.signals.add(f.signal)
+            old = inc.signal_severity.get(f.signal)
+            if old is None or SEVERITIES.index(f.severity) > SEVERITIES.index(old):
+                inc.signal_severity[f.signal] = f.severity
             inc.rules.add(f.rule_id)
             inc.evidence_count += 1
+            rank = (SEVERITIES.index(f.severity), f.score, f.rule_id, f.message)
+            if inc.top is None or rank[:2] > inc.top[:2]:
+                inc.top = rank
             if f.technique == "T1496.001":
                 inc.technique = "T1496.001"
             entry = {"event.id": f.event_id, "@timestamp": format_timestamp(f.timestamp), "rule.id": f.rule_id,
-                     "severity": f.severity, "summary": f.message}
-            if len(inc.evidence) < self.settings.max_evidence:
-                inc.evidence.append(entry)
-            else:  # keep the first half as found, the rest as the latest
-                keep = self.settings.max_evidence // 2
-                inc.evidence = inc.evidence[:keep] + inc.evidence[keep + 1:] + [entry]
+                     "signal": f.signal, "severity": f.severity, "summary": f.message}
+            if len(inc.first_evidence) < keep_first:
+                inc.first_evidence.append(entry)
+            else:
+                inc.latest_evidence.append(entry)
             for path, value in f.fields.items():
                 if not path.startswith("_") and value is not None:
                     inc.fields.setdefault(path, value)
-            if f.fields.get("gpu.uuid"):
-                inc.gpus.add(f.fields["gpu.uuid"])
+            uuid = f.fields.get("gpu.uuid")
+            if isinstance(uuid, str) and uuid:
+                inc.gpus.add(uuid)
             pid = f.fields.get("process.pid")
-            if isinstance(pid, int):
+            if isinstance(pid, int) and not isinstance(pid, bool):
                 inc.pids.add(pid)
-        strongest = max(SEVERITY_SCORE[f.severity] for f in findings)
-        base = max([s for s in SEVERITIES if SEVERITY_SCORE[s] <= strongest] + [inc.severity],
-                   key=SEVERITIES.index)
-        inc.severity = max(inc.severity, _raise(base, len(inc.signals) - 1), key=SEVERITIES.index)
+        inc.severity = max(inc.severity, incident_severity(inc.signal_severity), key=SEVERITIES.index)
 
     def _should_publish(self, inc: Incident, ts: float) -> bool:
         if SEVERITIES.index(inc.severity) < SEVERITIES.index(self.settings.min_alert_severity):
@@ -140,13 +203,20 @@ class Correlator:
 
     def _account(self, inc: Incident, event: dict[str, Any], ts: float, state: HostIncidents) -> None:
         """Integrate GPU time and energy of the implicated GPUs (by uuid, or running an implicated pid)."""
-        if event["event"]["dataset"] != Dataset.GPU.value:
+        gpu = event.get("gpu")
+        if not isinstance(gpu, dict):
             return
-        uuid = get(event, "gpu.uuid")
-        pids = {p.get("pid") for p in get(event, "gpu.processes") or ()}
-        if uuid not in inc.gpus and not (pids & inc.pids):
+        uuid = gpu.get("uuid")
+        if not isinstance(uuid, str):
             return
-        inc.gpus.add(uuid)
+        running = bool(inc.pids) and any(isinstance(p, dict) and p.get("pid") in inc.pids
+                                         for p in gpu.get("processes") or ())
+        if running:
+            inc.last_seen_running_at = max(inc.last_seen_running_at, ts)
+        if uuid not in inc.gpus:
+            if not running:
+                return
+            inc.gpus.add(uuid)
         last = inc.last_sample_at.get(uuid)
         inc.last_sample_at[uuid] = ts
         if last is None or ts <= last:
@@ -154,39 +224,53 @@ class Correlator:
         dt = min(ts - last, MAX_SAMPLE_GAP_S)
         inc.gpu_seconds += dt
         power = get(event, "gpu.power.draw_watts")
-        if isinstance(power, int | float):
-            inc.energy_kwh += power * dt / 3.6e6
+        kwh = power * dt / 3.6e6 if isinstance(power, int | float) and not isinstance(power, bool) else 0.0
+        inc.energy_kwh += kwh
         pricing = self.settings.pricing
-        inc.usd += dt / 3600 * gpu_hour_price(pricing, state.gpu_names.get(uuid)) + \
-            (power * dt / 3.6e6 * pricing.kwh_usd if isinstance(power, int | float) else 0.0)
+        inc.usd += dt / 3600 * gpu_hour_price(pricing, state.gpu_names.get(uuid)) + kwh * pricing.kwh_usd
+
+    def _rule(self, inc: Incident) -> tuple[str, str, str]:
+        rule_id = inc.top[2] if inc.top else RULE_ID
+        name, description = self.rules.get(rule_id, (RULE_NAME, ""))
+        return rule_id, name, description
 
     def _alert(self, host: str, inc: Incident, ts: float, status: str, state: HostIncidents) -> dict[str, Any]:
         inc.published_severity = inc.severity
         inc.published_signals = frozenset(inc.signals)
         inc.last_published_at = ts
+        rule_id, rule_name, rule_description = self._rule(inc)
         kinds = ", ".join(sorted(inc.signals))
-        verb = "resolved" if status == "resolved" else "suspected"
-        message = (f"GPU/compute hijacking {verb} on {host}: {kinds} "
-                   f"({inc.evidence_count} findings, {inc.gpu_seconds / 3600:.2f} GPU-hours so far)")
+        lead = inc.top[3] if inc.top else kinds
+        if status == "resolved":
+            message = (f"Resolved: GPU/compute hijacking on {host} quiet since "
+                       f"{format_timestamp(inc.last_active_at)} ({kinds}; {inc.evidence_count} findings, "
+                       f"{inc.gpu_seconds / 3600:.2f} GPU-hours, ${inc.usd:.2f})")
+        else:
+            message = (f"GPU/compute hijacking suspected on {host} [{inc.severity}]: {lead} "
+                       f"({kinds}; {inc.evidence_count} findings, {inc.gpu_seconds / 3600:.2f} GPU-hours so far)")
         fields: dict[str, Any] = {
-            "rule.id": RULE_ID, "rule.name": RULE_NAME,
-            "rule.description": "Correlated evidence of cryptocurrency mining or other unauthorised use of "
-                                "this host's GPUs/CPUs: " + ", ".join(sorted(inc.rules)),
+            "rule.id": rule_id, "rule.name": rule_name,
+            "rule.description": rule_description or ("Correlated evidence of cryptocurrency mining or other "
+                                                     "unauthorised use of this host's GPUs/CPUs."),
+            "rule.ruleset": RULESET,
             "event.severity": SEVERITY_SCORE[inc.severity],
-            "event.created": None,  # filled with wall time by whoever publishes (not part of the replay)
             "event.start": format_timestamp(inc.opened_at),
             "threat.framework": "MITRE ATT&CK",
+            "threat.tactic.id": [TACTIC[0]], "threat.tactic.name": [TACTIC[1]],
+            "threat.tactic.reference": [TACTIC[2]],
             # ECS keeps sub-techniques apart: technique T1496, sub-technique T1496.001.
             "threat.technique.id": ["T1496"],
             "threat.technique.name": [TECHNIQUE_NAMES["T1496"]],
+            "threat.technique.reference": [TECHNIQUE_REFERENCES["T1496"]],
             "message": message,
             "gpusentry.alert.severity": inc.severity,
             "gpusentry.alert.dedup_key": inc.dedup_key,
             "gpusentry.alert.status": status,
             "gpusentry.alert.signals": sorted(inc.signals),
             "gpusentry.alert.rules": sorted(inc.rules),
-            "gpusentry.alert.evidence": list(inc.evidence),
+            "gpusentry.alert.evidence": inc.evidence,
             "gpusentry.alert.evidence_count": inc.evidence_count,
+            "gpusentry.alert.last_evidence": format_timestamp(inc.last_evidence_at),
             "gpusentry.alert.cost.gpu_seconds": round(inc.gpu_seconds, 3),
             "gpusentry.alert.cost.energy_kwh": round(inc.energy_kwh, 6),
             "gpusentry.alert.cost.usd": round(inc.usd, 4),
@@ -194,13 +278,12 @@ class Correlator:
         if inc.technique == "T1496.001":
             fields["threat.technique.subtechnique.id"] = ["T1496.001"]
             fields["threat.technique.subtechnique.name"] = [TECHNIQUE_NAMES["T1496.001"]]
+            fields["threat.technique.subtechnique.reference"] = [TECHNIQUE_REFERENCES["T1496.001"]]
         if status == "resolved":
-            fields["event.end"] = format_timestamp(ts)
+            fields["event.end"] = format_timestamp(inc.last_active_at)
         for path, value in inc.fields.items():
             fields.setdefault(path, value)
         digest = hashlib.sha256(f"{inc.dedup_key}|{status}|{inc.evidence_count}|{ts}".encode()).hexdigest()[:32]
-        alert = make_event(Dataset.ALERT, host, ts, fields,
-                           event_id=digest)
-        # ECS event.created is the wall time; a replay must not depend on it, so it stays unset here.
-        del alert["event"]["created"]
-        return alert
+        # event.created (ECS: when the alert was published) is wall time: the publisher sets it, so that
+        # replays of the same events give byte-identical alerts.
+        return make_event(Dataset.ALERT, host, ts, fields, event_id=digest)

@@ -82,7 +82,7 @@ class Engine:
         self.settings = settings or DetectionSettings()
         self.detectors = list(detectors) if detectors is not None else [cls(self.settings) for cls in discover()]
         self.strict = strict
-        self.correlator = Correlator(self.settings)
+        self.correlator = Correlator(self.settings, {d.id: (d.title, d.description) for d in self.detectors})
         self._by_dataset: dict[str, list[Detector]] = {d.value: [] for d in Dataset}
         for det in self.detectors:
             for ds in det.datasets:
@@ -130,6 +130,18 @@ class Engine:
     def finish(self) -> list[dict[str, Any]]:
         """End of input (replay): nothing is pending by default; incidents stay open as they were."""
         return []
+
+    def expire(self, watermark: float) -> list[dict[str, Any]]:
+        """Resolve every host's incident whose quiet period ended before ``watermark`` (event time).
+
+        A host that stops sending events (miner killed and host switched off, agent gone) would
+        otherwise never see the event that resolves its incident; a worker calls this with the
+        lowest event time its partitions have reached.
+        """
+        alerts: list[dict[str, Any]] = []
+        for name in sorted(self.hosts):
+            alerts.extend(self.correlator.expire(name, watermark, self.hosts[name].incidents))
+        return alerts
 
     def drain_failures(self) -> list[DetectorFailure]:
         out, self.failures = self.failures, []
