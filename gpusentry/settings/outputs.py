@@ -19,6 +19,7 @@ from gpusentry.settings.base import Section
 
 Severity = Literal["low", "medium", "high", "critical"]
 Status = Literal["open", "resolved"]
+STATUSES: tuple[Status, ...] = ("open", "resolved")
 
 
 class ConfigSecretError(ValueError):
@@ -46,7 +47,7 @@ class DeliveryPolicy(Section):
 
     enabled: bool = Field(False, description="Send alerts to this output.")
     min_severity: Severity = Field("low", description="Alerts below this severity are not sent here.")
-    statuses: list[Status] = Field(default_factory=lambda: ["open", "resolved"],
+    statuses: list[Status] = Field(default_factory=lambda: list(STATUSES),
                                    description="Incident states sent here (`open` updates, `resolved`).")
     hosts: list[str] = Field(default_factory=list,
                              description="Only alerts whose `host.name` matches one of these globs (empty: all).")
