@@ -1,0 +1,105 @@
+"""`gpusentry forward` end to end: alerts topic on a real broker, local receivers, Kafka dead letters, commits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from gpusentry import contract as c
+from gpusentry.config import load_config
+from outputs.forwarder import forward
+from tests import outputs_receivers as rx
+from tests.outputs_helpers import alert, incident
+
+pytestmark = pytest.mark.broker
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 20.0) -> list[dict]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{topic}", "enable.auto.commit": False,
+                         "fetch.wait.max.ms": 100})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < expected and time.monotonic() < deadline:
+            msg = consumer.poll(0.3)
+            if msg is not None and msg.error() is None:
+                got.append(orjson.loads(msg.value()))
+    finally:
+        consumer.close()
+    return got
+
+
+@pytest.fixture
+def receivers():
+    r = rx.Receivers().start()
+    yield r
+    r.stop()
+
+
+def test_forward_delivers_dead_letters_and_commits(bootstrap, topic_factory, receivers):
+    alerts_topic, dead_topic, ecs_topic = topic_factory("alerts"), topic_factory("dl"), topic_factory("ecs")
+    group = f"fwd-{os.getpid()}-{time.time_ns()}"
+    env = {
+        "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "GPUSENTRY_TOPICS__ALERTS": alerts_topic, "GPUSENTRY_TOPICS__DEADLETTER": dead_topic,
+        "GPUSENTRY_OUTPUTS__GROUP_ID": group, "GPUSENTRY_OUTPUTS__SEED": "1",
+        "GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true",
+        "GPUSENTRY_OUTPUTS__WEBHOOK__URL": receivers.base + rx.WEBHOOK_PATH,
+        "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": rx.WEBHOOK_SECRET,
+        "GPUSENTRY_OUTPUTS__PAGERDUTY__ENABLED": "true",
+        "GPUSENTRY_OUTPUTS__PAGERDUTY__MIN_SEVERITY": "critical",
+        "GPUSENTRY_OUTPUTS__PAGERDUTY__URL": receivers.base + rx.PAGERDUTY_PATH,
+        "GPUSENTRY_OUTPUTS__PAGERDUTY__ROUTING_KEY": rx.PD_ROUTING_KEY,
+        "GPUSENTRY_OUTPUTS__KAFKA__ENABLED": "true", "GPUSENTRY_OUTPUTS__KAFKA__TOPIC": ecs_topic,
+    }
+    cfg = load_config(environ=env)
+    opened, resolved = incident(1)
+    medium = alert(2, gpusentry__alert__severity="medium")
+    receivers.plan(rx.PAGERDUTY_PATH, (400, {}, '{"status":"invalid event","errors":["test refusal"]}'))
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for value, key in [(c.encode(opened), "k1"), (b"{not json", "bad"), (c.encode(medium), "k2"),
+                       (c.encode(c.dns_event("h", 1.0, question="x.org", resolved_ips=[])), "h"),
+                       (c.encode(resolved), "k1")]:
+        producer.produce(alerts_topic, value, key=key)
+    producer.flush(10)
+
+    async def main():
+        stop = asyncio.Event()
+        task = asyncio.create_task(forward(cfg, stop))
+        deadline = time.monotonic() + 40
+        while len(receivers.received[rx.WEBHOOK_PATH]) < 3 and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.1)
+        stop.set()
+        return await asyncio.wait_for(task, 20)
+
+    summary = asyncio.run(main())
+    assert not receivers.violations
+    assert [a["event"]["id"] for a in receivers.received[rx.WEBHOOK_PATH]] == \
+        [opened["event"]["id"], medium["event"]["id"], resolved["event"]["id"]]
+    # PagerDuty wants critical only: the open alert was refused (400), the resolve went through.
+    assert [e["event_action"] for e in receivers.received[rx.PAGERDUTY_PATH]] == ["resolve"]
+    assert summary.alerts == 3 and summary.rejected == 2 and summary.messages == 5
+    assert summary.outcomes["pagerduty:dead_lettered"] == 1 and summary.outcomes["webhook:delivered"] == 3
+
+    dead = read_topic(bootstrap, dead_topic, 3)
+    stages = sorted((d["gpusentry"]["deadletter"]["stage"], d["error"]["type"]) for d in dead)
+    assert stages == [("forwarder", "rejected"), ("forwarder", "rejected"), ("output", "delivery_failed")]
+    failed = next(d for d in dead if d["gpusentry"]["deadletter"]["stage"] == "output")
+    assert failed["gpusentry"]["deadletter"]["original"] == opened and "test refusal" in failed["error"]["message"]
+    assert rx.PD_ROUTING_KEY not in str(dead)
+
+    ecs = read_topic(bootstrap, ecs_topic, 3)
+    assert [a["event"]["id"] for a in ecs] == [opened["event"]["id"], medium["event"]["id"], resolved["event"]["id"]]
+
+    check = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        (committed,) = check.committed([TopicPartition(alerts_topic, 0)], timeout=10)
+    finally:
+        check.close()
+    assert committed.offset == 5, "offsets are committed once every alert is delivered or dead-lettered"
