@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,9 @@ import httpx
 from outputs.base import Clock, DeliveryError, retry_after_seconds, truncate
 
 USER_AGENT = "gpusentry-forwarder"
+
+# httpx logs every request URL at INFO, and a Slack webhook URL *is* a secret: keep its request log quiet.
+logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
 
 
 def make_client(timeout_s: float, *, verify: bool | str = True, ca_file: Path | None = None) -> httpx.AsyncClient:
