@@ -92,6 +92,9 @@ class KafkaClients:
         await self.producer.send_and_wait(self.checkpoint_topic, blob, key=str(partition).encode(),
                                           partition=partition)
 
+    async def partitions(self, topic: str) -> list[int]:
+        return await self._partitions(topic)
+
     async def _partitions(self, topic: str) -> list[int]:
         parts = await self.producer.partitions_for(topic)  # fetches metadata when unknown
         if not parts:
@@ -146,19 +149,28 @@ class KafkaClients:
 
 
 async def follow_feedback(cfg: Config, on_message: Callable[[bytes | None, int, int], Awaitable[None]],
-                          stop: asyncio.Event) -> None:
-    """Read every partition of the feedback topic from the beginning, for ever (each worker does)."""
+                          stop: asyncio.Event, caught_up: asyncio.Event, partitions: list[int]) -> None:
+    """Read every partition of the feedback topic from the beginning, for ever (each worker does).
+
+    ``caught_up`` is set once everything that was on the topic at start has been applied, so a
+    worker publishes nothing before it knows the suppressions in force.
+    """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_list(cfg), client_id=f"{cfg.kafka.client_id}-feedback",
                                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
                                 fetch_max_wait_ms=max(cfg.worker.fetch_max_wait_ms, 100),
                                 **cfg.kafka.aiokafka_config())
-    # Without a group, aiokafka assigns every partition of the subscribed topic to this consumer.
-    consumer.subscribe([cfg.topics.feedback])
     await consumer.start()
     try:
+        tps = [TopicPartition(cfg.topics.feedback, p) for p in partitions]
+        consumer.assign(tps)
+        if tps:
+            await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps) if tps else {}
+        pending = {tp for tp in tps if ends[tp] > 0}
+        empty_polls = 0
         while not stop.is_set():
             try:
-                batch = await consumer.getmany(timeout_ms=500)
+                batch = await consumer.getmany(timeout_ms=250 if not caught_up.is_set() else 500)
             except KafkaError as exc:
                 log.warning("feedback reader: %s; retrying", exc)
                 await asyncio.sleep(1.0)
@@ -166,5 +178,13 @@ async def follow_feedback(cfg: Config, on_message: Callable[[bytes | None, int, 
             for tp, records in batch.items():
                 for r in records:
                     await on_message(r.value, tp.partition, r.offset)
+                if records and records[-1].offset + 1 >= ends.get(tp, 0):
+                    pending.discard(tp)
+            if not caught_up.is_set():
+                empty_polls = empty_polls + 1 if not batch else 0
+                # Reported ends can be short (see _EMPTY_POLL_MS): caught up after an empty fetch.
+                if not pending and empty_polls >= 1 or empty_polls >= 2:
+                    caught_up.set()
     finally:
+        caught_up.set()
         await consumer.stop()

@@ -104,8 +104,8 @@ class Pipeline:
         self.topics = topics
         self.max_message_bytes = max_message_bytes
         self.checkpoint_interval_s = checkpoint_interval_s
-        self.metrics = metrics or WorkerMetrics()
-        self.suppressions = suppressions or Suppressions()
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.suppressions = suppressions if suppressions is not None else Suppressions()
         self.worker_id = worker_id
         self.on_alert = on_alert
         self.partitions: dict[int, PartitionState] = {}

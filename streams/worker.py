@@ -82,7 +82,12 @@ class PipelineService(mode.Service):
         if w.metrics_port:
             self.wa.metrics.serve(w.metrics_port, w.metrics_host)
             log.info("metrics on http://%s:%d/metrics", w.metrics_host, w.metrics_port)
-        self.add_future(follow_feedback(self.wa.cfg, self._on_feedback, self._stop_feedback))
+        caught_up = asyncio.Event()
+        partitions = await self.wa.clients.partitions(self.wa.cfg.topics.feedback)
+        self.add_future(follow_feedback(self.wa.cfg, self._on_feedback, self._stop_feedback, caught_up, partitions))
+        # Nothing is published before the suppressions already on the feedback topic are known.
+        await asyncio.wait_for(caught_up.wait(), timeout=60)
+        log.info("feedback applied: %d suppression(s) in force", len(self.wa.suppressions))
 
     async def _on_feedback(self, value: bytes | None, partition: int, offset: int) -> None:
         try:
