@@ -117,18 +117,22 @@ def simulate(config: ConfigOption = None) -> None:
 
 @app.command()
 def replay(
-    files: Annotated[list[Path], typer.Argument(help="JSONL or .jsonl.gz event files, one event per line.",
-                                                exists=True, dir_okay=False, readable=True)],
+    files: Annotated[list[Path], typer.Argument(help="JSONL or .jsonl.gz event files (one event per line), or "
+                                                "pcap/pcapng captures.", exists=True, dir_okay=False, readable=True)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write alerts here (JSONL); default stdout.")] = None,
     strict: Annotated[bool, typer.Option(help="Exit 4 when any line was rejected.")] = False,
+    host: Annotated[str | None, typer.Option(help="host.name of events made from captures (default: the file "
+                                                  "stem).")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Run the detectors over event files and print the alerts as JSONL."""
+    """Run the detectors over event files and captures and print the alerts as JSONL."""
     from gpusentry.replay import run_replay
 
     cfg = setup(config)
-    summary = run_replay(files, cfg, out=out, progress_console=err)
+    summary = run_replay(files, cfg, out=out, progress_console=err, host=host)
     err.print(summary.describe(), highlight=False)
+    if summary.failed_files:
+        raise typer.Exit(EXIT_FAILED)
     if strict and summary.rejected:
         raise typer.Exit(EXIT_REJECTS)
 

@@ -1,8 +1,11 @@
-"""``gpusentry replay``: run the detection engine over event files, deterministically.
+"""``gpusentry replay``: run the detection engine over event files and captures, deterministically.
 
-Input is JSONL (optionally gzip-compressed), one contract event per line.  A bad line is
-reported with its file and line number and skipped; everything else still runs.  Alerts are
-written as JSONL.  Event time drives the engine, so the same files always give the same alerts.
+Input is JSONL (optionally gzip-compressed), one contract event per line, or a packet capture
+(pcap / pcapng, told by its magic bytes, not its name): its TCP flows and DNS answers become
+events of the host named by ``--host`` (default: the file's stem), see :mod:`gpusentry.pcap`.
+A bad line is reported with its file and line number and skipped; everything else still runs.
+Alerts are written as JSONL.  Event time drives the engine, so the same files always give the
+same alerts.  Progress goes to stderr every few seconds on big inputs.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import gzip
 import logging
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,9 +25,11 @@ from rich.console import Console
 
 from gpusentry.config import Config
 from gpusentry.contract import Reject, RejectCode, validate_event
+from gpusentry.pcap import CaptureError, CaptureStats, is_capture, read_capture
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_REJECTS = 20
+PROGRESS_EVERY_S = 5.0
 
 
 @dataclass
@@ -34,12 +40,26 @@ class ReplaySummary:
     alerts: int = 0
     reject_codes: Counter[str] = field(default_factory=Counter)
     engine: str = "detection engine"
+    packets: int = 0
+    packets_skipped: int = 0
+    failed_files: list[str] = field(default_factory=list)
+    detector_failures: int = 0
+    highest_severity: str | None = None
 
     def describe(self) -> str:
         codes = ", ".join(f"{c}: {n}" for c, n in sorted(self.reject_codes.items()))
         rejected = f"{self.rejected} rejected ({codes})" if self.rejected else "0 rejected"
-        return (f"replay: {self.files} file(s), {self.events_read} events read, {rejected}, "
+        text = (f"replay: {self.files} file(s), {self.events_read} events read, {rejected}, "
                 f"{self.alerts} alerts raised by the {self.engine}")
+        if self.highest_severity:
+            text += f" (highest severity: {self.highest_severity})"
+        if self.packets:
+            text += f"; {self.packets} packets ({self.packets_skipped} not decoded)"
+        if self.detector_failures:
+            text += f"; {self.detector_failures} detector failures (see the log)"
+        if self.failed_files:
+            text += f"; {len(self.failed_files)} file(s) unreadable"
+        return text
 
 
 def open_text(path: Path) -> IO[bytes]:
@@ -52,43 +72,88 @@ def open_text(path: Path) -> IO[bytes]:
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
     """Yield (line number, event or reject) for each non-blank line."""
+    loads, validate, not_json = orjson.loads, validate_event, RejectCode.NOT_JSON
     with open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
             try:
-                obj = orjson.loads(line)
+                obj = loads(line)
             except orjson.JSONDecodeError as exc:
-                yield lineno, Reject(RejectCode.NOT_JSON, f"not valid JSON: {exc}")
+                if not line.strip():
+                    continue
+                yield lineno, Reject(not_json, f"not valid JSON: {exc}")
                 continue
-            yield lineno, validate_event(obj)
+            yield lineno, validate(obj)
+        # A gzip file cut short raises EOFError from the loop above; let the caller report it.
 
 
-def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None,
-               progress_console: Console | None = None) -> ReplaySummary:
+def iter_capture(path: Path, host: str, stats: CaptureStats) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
+    for i, event in enumerate(read_capture(path, host, stats), 1):
+        yield i, validate_event(event)
+
+
+def _is_capture(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return is_capture(fh.read(4))
+
+
+def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progress_console: Console | None = None,
+               host: str | None = None) -> ReplaySummary:
+    from detectors.base import SEVERITIES
+
     summary = ReplaySummary(files=len(files))
     engine = _load_engine(cfg)
     summary.engine = type(engine).__name__ if engine is not None else "(no engine in this build: validation only)"
     sink: IO[bytes] = out.open("wb") if out else sys.stdout.buffer
+    started = last_progress = time.monotonic()
+
+    def emit(alerts: list[dict[str, Any]]) -> None:
+        for alert in alerts:
+            sink.write(orjson.dumps(alert) + b"\n")
+            summary.alerts += 1
+            sev = alert["gpusentry"]["alert"]["severity"]
+            if summary.highest_severity is None or SEVERITIES.index(sev) > SEVERITIES.index(summary.highest_severity):
+                summary.highest_severity = sev
+
     try:
         for path in files:
-            for lineno, item in iter_jsonl(path):
-                if isinstance(item, Reject):
-                    summary.rejected += 1
-                    summary.reject_codes[item.code.value] += 1
-                    if progress_console is not None and summary.rejected <= MAX_REPORTED_REJECTS:
-                        progress_console.print(f"{path}:{lineno}: rejected: {item.reason}", highlight=False,
-                                               markup=False)
-                    continue
-                summary.events_read += 1
-                if engine is not None:
-                    for alert in engine.process(item):
-                        sink.write(orjson.dumps(alert) + b"\n")
-                        summary.alerts += 1
+            stats = CaptureStats()
+            try:
+                items = (iter_capture(path, host or path.stem, stats) if _is_capture(path) else iter_jsonl(path))
+                for lineno, item in items:
+                    if isinstance(item, Reject):
+                        summary.rejected += 1
+                        summary.reject_codes[item.code.value] += 1
+                        if progress_console is not None and summary.rejected <= MAX_REPORTED_REJECTS:
+                            progress_console.print(f"{path}:{lineno}: rejected: {item.reason}", highlight=False,
+                                                   markup=False)
+                        continue
+                    summary.events_read += 1
+                    if engine is not None:
+                        process = engine.process
+                        alerts = process(item)
+                        if alerts:
+                            emit(alerts)
+                        if engine.failures:
+                            summary.detector_failures += len(engine.drain_failures())
+                    if progress_console is not None and not summary.events_read & 0x3FFF:
+                        now = time.monotonic()
+                        if now - last_progress >= PROGRESS_EVERY_S:
+                            last_progress = now
+                            rate = summary.events_read / max(now - started, 1e-9)
+                            progress_console.print(f"replay: {path.name}: {summary.events_read} events, "
+                                                   f"{summary.alerts} alerts ({rate:,.0f} events/s)",
+                                                   highlight=False, markup=False)
+            except (CaptureError, OSError, EOFError) as exc:
+                summary.failed_files.append(str(path))
+                if progress_console is not None:
+                    progress_console.print(f"{path}: cannot be read: {exc}", highlight=False, markup=False)
+            summary.packets += stats.packets
+            summary.packets_skipped += stats.skipped
+            if stats.truncated and progress_console is not None:
+                progress_console.print(f"{path}: capture ends mid-packet; replayed what came before",
+                                       highlight=False, markup=False)
         if engine is not None:
-            for alert in engine.finish():
-                sink.write(orjson.dumps(alert) + b"\n")
-                summary.alerts += 1
+            emit(engine.finish())
         if progress_console is not None and summary.rejected > MAX_REPORTED_REJECTS:
             progress_console.print(f"... and {summary.rejected - MAX_REPORTED_REJECTS} more rejected lines")
     finally:

@@ -75,10 +75,12 @@ class MinerConfig(Detector):
         if event["event"]["type"] != ["start"]:
             return ()
         p = event["process"]
-        for seg in segments(argv(p)):
+        args = argv(p)
+        for seg in segments(args):
             if is_text_tool(seg):
                 continue
-            exe = p.get("executable") if seg[0] == (argv(p) or [None])[0] else seg[0]
+            # The process's own executable, or the program a `sh -c` script runs.
+            exe = p.get("executable") if seg[0] == args[0] else seg[0]
             exe_name = basename(exe or seg[0]).lower()
             if exe_name.rstrip("0123456789.") in _NOT_MINERS:
                 continue
