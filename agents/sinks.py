@@ -73,6 +73,12 @@ class StdoutSink(JsonlSink):
         self._fh.flush()
 
 
+# Delivery errors after which this producer's idempotence state (producer id, epoch, sequence numbers) is
+# of no further use: a new producer, with a new id, resends from the spool cursor.
+_NEW_PRODUCER_ERRORS = frozenset({"PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "UNKNOWN_PRODUCER_ID",
+                                  "OUT_OF_ORDER_SEQUENCE_NUMBER", "INVALID_PRODUCER_ID_MAPPING", "_FATAL"})
+
+
 @dataclass(slots=True)
 class _InFlight:
     end: Position
@@ -143,6 +149,8 @@ class KafkaSink:
             if err is not None:
                 entry.error = err.name()
                 self.metrics.delivery_failures.labels(err.name()).inc()
+                if err.fatal() or err.name() in _NEW_PRODUCER_ERRORS:
+                    self._fatal = True
             else:
                 self.metrics.messages_delivered.inc()
         return report
@@ -211,8 +219,10 @@ class KafkaSink:
             self._read_pos = msg.end
 
     def _recreate(self) -> None:
+        log.warning("Kafka producer state is unusable; starting a new producer and resending from the spool")
         self.producer.purge(in_queue=True, in_flight=True, blocking=False)
         self.producer.flush(1)
+        self.producer.poll(0)
         self._inflight.clear()
         self.producer = self._producer_cls(self.config)
         self._fatal = False
