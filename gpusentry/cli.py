@@ -88,10 +88,32 @@ def up(config: ConfigOption = None,
 
 
 @app.command()
-def agent(config: ConfigOption = None) -> None:
+def agent(
+    config: ConfigOption = None,
+    output: Annotated[list[str] | None, typer.Option(
+        "--output", "-o", help="kafka, stdout or jsonl:PATH; repeat for several (default: agent.outputs).",
+        show_default=False)] = None,
+    host_name: Annotated[str | None, typer.Option(help="host.name of the events (default: agent.host_name).",
+                                                  show_default=False)] = None,
+    interval: Annotated[float | None, typer.Option(help="Seconds between cycles (default: agent.interval_s).",
+                                                   show_default=False)] = None,
+    cycles: Annotated[int | None, typer.Option(help="Stop after this many cycles (default: run until stopped).",
+                                               show_default=False)] = None,
+) -> None:
     """Run the host agent: collect GPU, process, network and DNS events and publish them."""
-    setup(config)
-    not_yet("agent", "the host agent is being built")
+    cfg = setup(config)
+    from agents.agent import AgentError, run_agent
+
+    try:
+        if host_name:
+            cfg.agent.host_name = host_name
+        if interval:
+            cfg.agent.interval_s = interval
+        if output:
+            cfg.agent.outputs = output
+        run_agent(cfg, cycles=cycles)
+    except (AgentError, ValueError) as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 @app.command()
