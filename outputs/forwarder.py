@@ -8,6 +8,7 @@ HEC and Kafka consumers by ``event.id``).
 
 For other processes (``gpusentry up``): :func:`run_forwarder` runs it in the calling thread until a
 ``threading.Event`` is set; :func:`forward` is the same as a coroutine with an ``asyncio.Event``.
+:func:`deliver_alerts` sends a finite list of alerts (``gpusentry replay``) through the same outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ from gpusentry.config import Config
 from gpusentry.contract import Dataset, decode_message
 from gpusentry.timefmt import format_timestamp
 from outputs.base import Clock
-from outputs.dispatcher import DeadLetterSink, Dispatcher, Outcome
+from outputs.dispatcher import DeadLetterSink, Dispatcher, MemoryDeadLetterSink, Outcome
 from outputs.kafka import KafkaDeadLetterSink, make_producer
 from outputs.registry import build_outputs
 
@@ -123,6 +125,36 @@ async def _submit(value: bytes | None, cfg: Config, dispatcher: Dispatcher, sink
         summary.alerts += 1
         tickets.append(await dispatcher.submit(event))
     return tickets
+
+
+async def deliver_alerts_async(cfg: Config, alerts: Iterable[dict[str, Any]], dead_letters: DeadLetterSink,
+                               *, clock: Clock | None = None) -> ForwardSummary:
+    """Deliver a finite sequence of alerts (e.g. from `gpusentry replay`) through the enabled outputs."""
+    outputs = build_outputs(cfg, clock=clock)
+    summary = ForwardSummary()
+    if not outputs:
+        return summary
+    dispatcher = await Dispatcher(outputs, dead_letters, clock=clock, seed=cfg.outputs.seed).start()
+    try:
+        tickets = []
+        for alert in alerts:
+            summary.alerts += 1
+            tickets.append(await dispatcher.submit(alert))
+        for outcomes in await asyncio.gather(*tickets):
+            for o in outcomes:
+                summary.outcomes[f"{o.output}:{'delivered' if o.delivered else 'dead_lettered'}"] += 1
+    finally:
+        await dispatcher.close()
+    return summary
+
+
+def deliver_alerts(cfg: Config, alerts: Iterable[dict[str, Any]],
+                   dead_letters: DeadLetterSink | None = None) -> tuple[ForwardSummary, list[dict[str, Any]]]:
+    """Blocking form of :func:`deliver_alerts_async`; returns the summary and the dead letters it kept
+    (when no ``dead_letters`` sink is given they are kept in memory for the caller to report or write)."""
+    sink = dead_letters or MemoryDeadLetterSink()
+    summary = asyncio.run(deliver_alerts_async(cfg, alerts, sink))
+    return summary, sink.records if isinstance(sink, MemoryDeadLetterSink) else []
 
 
 def run_forwarder(cfg: Config, stop_event: threading.Event | None = None) -> ForwardSummary:

@@ -103,3 +103,17 @@ def test_forward_delivers_dead_letters_and_commits(bootstrap, topic_factory, rec
     finally:
         check.close()
     assert committed.offset == 5, "offsets are committed once every alert is delivered or dead-lettered"
+
+
+def test_deliver_alerts_for_replay(receivers):
+    from outputs.forwarder import deliver_alerts
+
+    cfg = load_config(environ={"GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true",
+                               "GPUSENTRY_OUTPUTS__WEBHOOK__URL": receivers.base + rx.WEBHOOK_PATH,
+                               "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": rx.WEBHOOK_SECRET,
+                               "GPUSENTRY_OUTPUTS__WEBHOOK__MAX_ATTEMPTS": "1"})
+    receivers.plan(rx.WEBHOOK_PATH, 500)
+    summary, dead = deliver_alerts(cfg, [alert(1), alert(2)])
+    assert summary.outcomes == {"webhook:dead_lettered": 1, "webhook:delivered": 1}
+    assert dead[0]["gpusentry"]["deadletter"]["original"] == alert(1)
+    assert receivers.received[rx.WEBHOOK_PATH] == [alert(2)]
