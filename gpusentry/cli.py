@@ -159,6 +159,45 @@ def replay(
         raise typer.Exit(EXIT_REJECTS)
 
 
+pools_app = typer.Typer(help="The mining-pool list: show it, refresh it from a file or URL.", no_args_is_help=True)
+app.add_typer(pools_app, name="pools")
+
+
+@pools_app.command("refresh")
+def pools_refresh(
+    source: Annotated[str, typer.Option("--from", help="File path or http(s) URL of the new list (one domain, IP "
+                                                        "or CIDR per line).")],
+    skip_invalid: Annotated[bool, typer.Option(help="Install the valid entries even when some lines are bad.")
+                            ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Validate a pool list and install it at detection.pools.file (workers read it at start-up)."""
+    from gpusentry.pools import PoolRefreshError, refresh, safe_source
+
+    cfg = setup(config)
+    try:
+        result = refresh(source, cfg.detection.pools, skip_invalid=skip_invalid)
+    except PoolRefreshError as exc:
+        fail(str(exc))
+    for problem in result.skipped[:20]:
+        err.print(f"skipped {problem}", highlight=False, markup=False)
+    typer.echo(f"installed {result.domains} domains, {result.ips} addresses, {result.networks} networks from "
+               f"{safe_source(source)} at {result.path}" + (f" ({len(result.skipped)} bad lines skipped)"
+                                                            if result.skipped else ""))
+
+
+@pools_app.command("show")
+def pools_show(
+    entries: Annotated[bool, typer.Option("--entries", help="Also print every entry.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Print where the pool list comes from and how many entries it has."""
+    from gpusentry.pools import describe
+
+    cfg = setup(config)
+    typer.echo(describe(cfg.detection.pools, show_entries=entries))
+
+
 outputs_app = typer.Typer(help="Check the alert outputs (SIEM, Slack, PagerDuty, webhooks).", no_args_is_help=True)
 app.add_typer(outputs_app, name="outputs")
 

@@ -124,10 +124,10 @@ def parse_entry(raw: str) -> tuple[str, str] | str:
         return "ip", str(ipaddress.ip_address(text))
     except ValueError:
         pass
+    if re.fullmatch(r"[a-z][a-z0-9-]{0,62}", text):
+        return "a bare top-level domain would match everything under it"
     if not _DOMAIN.match(text) or len(text) > 253:
         return "not a domain, IP address or CIDR network"
-    if "." not in text:
-        return "a bare top-level domain would match everything under it"
     if text in PUBLIC_SUFFIXES:
         return "a public registry suffix would match unrelated sites"
     return "domain", text
