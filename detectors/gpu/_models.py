@@ -108,8 +108,8 @@ class MiningSignature(GpuModel):
 
     Components (weights sum to 1), each from what miners do and AI work does not:
 
-    * ``flat`` (0.2): utilisation pinned near 100 % with little spread; training dips, inference
-      bursts, notebooks idle;
+    * ``flat`` (0.2): utilisation on a plateau (85 % or more for full credit, throttled miners sit
+      lower) with little spread; training dips, inference bursts, notebooks idle;
     * ``small_footprint`` (0.15): a DAG-sized allocation (ethash ~5-6 GiB, kawpow ~4 GiB, autolykos
       ~3-4 GiB; under 10 GiB and under half the board) on a busy GPU; training and LLM serving fill
       the board;
@@ -148,7 +148,8 @@ class MiningSignature(GpuModel):
         if util_mean is None or util_mean < self.busy_pct:
             return out
         if util_std is not None:
-            out["flat"] = _ramp(util_mean, 80, 95) * _ramp(util_std, 8, 3)
+            # A plateau: throttled miners flatten at the intensity they are set to, not only at 100 %.
+            out["flat"] = _ramp(util_mean, 50, 85) * _ramp(util_std, 8, 3)
         small = False
         if used_gib is not None:
             small = 1.0 <= used_gib <= 10.0 and (used_frac is None or used_frac <= 0.5)
@@ -173,6 +174,11 @@ class MiningSignature(GpuModel):
     def score_one(self, x: Features) -> float:
         parts = self.components(x)
         return _clip01(sum(self.WEIGHTS[k] * v for k, v in parts.items()))
+
+    def new_workload(self) -> None:
+        """The GPU's processes changed: dips of the previous work say nothing about the new one."""
+        self.recent_min_util.clear()
+        self.was_busy = False
 
     def learn_one(self, x: Features) -> None:
         util_mean, util_min = x.get("util_mean"), x.get("util_min")

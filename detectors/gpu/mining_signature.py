@@ -18,6 +18,7 @@ from gpusentry.contract import Dataset
 class _GpuState:
     model: MiningSignature
     recent: deque[float]  # signature scores of the last busy windows
+    pids: frozenset[int] = frozenset()  # the processes on the GPU, to notice a change of workload
 
 
 @dataclass
@@ -54,14 +55,20 @@ class GpuMiningSignature(Detector):
 
     def process(self, event: dict[str, Any], state: SignatureState) -> Iterable[Finding]:
         sample = read_sample(event)
+        g = self.settings.gpu
+        gpu = state.gpus.get(sample.uuid)
+        if gpu is None:
+            gpu = state.gpus[sample.uuid] = _GpuState(MiningSignature(g.signature_history, g.busy_gpu_pct),
+                                                      deque(maxlen=g.signature_history))
+        if sample.procs:
+            pids = frozenset(p.pid for p in sample.procs)
+            if pids != gpu.pids:
+                if gpu.pids:
+                    gpu.model.new_workload()
+                gpu.pids = pids
         window = state.windows.add(sample)
         if window is None:
             return ()
-        g = self.settings.gpu
-        gpu = state.gpus.get(window.uuid)
-        if gpu is None:
-            gpu = state.gpus[window.uuid] = _GpuState(MiningSignature(g.signature_history, g.busy_gpu_pct),
-                                                      deque(maxlen=g.signature_history))
         x = window.features
         score = gpu.model.score_one(x)
         parts = gpu.model.components(x)
