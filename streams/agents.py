@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from streams.app import WorkerApp
+
+log = logging.getLogger(__name__)
 
 
 def register(wa: WorkerApp, event_topic: Any) -> None:
@@ -28,5 +31,11 @@ def register(wa: WorkerApp, event_topic: Any) -> None:
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         numbers = {tp.partition for tp in assigned if tp.topic in event_topics}
+        split = sorted(n for n in numbers if {tp.topic for tp in assigned if tp.partition == n} != event_topics)
+        if split:
+            # A partition number's hosts must meet one engine on all four topics (faust's co-partitioning
+            # assignor does this when the topics have equal partition counts).
+            log.error("partitions %s of the event topics were not assigned together; check that the four "
+                      "event topics have the same number of partitions", split)
         await pipeline.release(set(pipeline.partitions) - numbers)
         await pipeline.assign(numbers)

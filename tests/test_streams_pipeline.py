@@ -1,0 +1,229 @@
+"""The worker's delivery core without a broker: ordering of sends, checkpoints and acks; restore and dedup;
+dead letters for bad input and failing detectors; suppressions.  (The broker versions of these are in
+test_streams_worker.py and test_streams_recovery.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import orjson
+import pytest
+
+from detectors.base import Detector, Signal
+from detectors.engine import Engine, discover
+from gpusentry import contract as c
+from gpusentry.contract import Dataset
+from streams.feedback import FeedbackError, Suppressions, feedback_message, parse_feedback
+from streams.pipeline import Pipeline, Topics
+from tests.streams_helpers import T0, benign_start, miner_start
+
+TOPICS = Topics(events=("gpu", "process", "network", "dns"), alerts="alerts", deadletter="dead", feedback="fb")
+
+
+class FakeIO:
+    """Records what the pipeline sends, in order; sends complete only when ``settle`` is called."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any]] = []
+        self.topics: dict[str, list[bytes]] = {"alerts": [], "dead": []}
+        self.checkpoints: dict[int, list[bytes]] = {}
+        self.pending: list[asyncio.Future[None]] = []
+
+    async def send(self, topic, value, key=None, partition=None, headers=None):
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.topics.setdefault(topic, []).append(value)
+        self.log.append(("send", topic))
+
+        def done(_: Any) -> None:
+            self.log.append(("acked", topic))
+
+        fut.add_done_callback(done)
+        self.pending.append(fut)
+        asyncio.get_running_loop().call_later(0.01, lambda: fut.done() or fut.set_result(None))
+        return fut
+
+    async def flush(self) -> None:
+        await asyncio.gather(*self.pending)
+
+    async def write_checkpoint(self, partition, blob):
+        self.log.append(("checkpoint", partition))
+        self.checkpoints.setdefault(partition, []).append(blob)
+
+    async def read_checkpoint(self, partition):
+        return (self.checkpoints.get(partition) or [None])[-1]
+
+    async def alert_end_offsets(self):
+        return {0: len(self.topics["alerts"])}
+
+    async def read_alerts_since(self, marks):
+        return self.topics["alerts"][marks.get(0, 0):]
+
+
+def pipeline(io: FakeIO, *, engine: Engine | None = None, interval: float = 3600.0,
+             suppressions: Suppressions | None = None) -> Pipeline:
+    return Pipeline(engine or Engine(strict=False), io, TOPICS, max_message_bytes=1_048_576,
+                    checkpoint_interval_s=interval, suppressions=suppressions)
+
+
+def msg(events: list[dict[str, Any]]) -> bytes:
+    return orjson.dumps(events)
+
+
+HOST = "gpu-node-9"
+
+
+def stream(n: int) -> list[bytes]:
+    """n process batches; a miner at 3 (open), resolved 650 s later, a second miner after that."""
+    out = []
+    for k in range(n):
+        batch = [benign_start(HOST, T0 + 10 * k, pid=1000 + k)]
+        if k in (3, 75):
+            batch.append(miner_start(HOST, T0 + 10 * k + 1, pid=31_000 + k))
+        out.append(msg(batch))
+    return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_acks_follow_the_checkpoint_which_follows_the_sends():
+    async def go() -> tuple[FakeIO, list[int]]:
+        io = FakeIO()
+        p = pipeline(io)
+        acked: list[int] = []
+        for off, value in enumerate(stream(5)):
+            await p.handle("process", 0, off, HOST.encode(), value, ack=lambda o=off: acked.append(o))
+        assert io.topics["alerts"], "the miner opened no incident"
+        # Before a checkpoint nothing is acknowledged, so nothing is committable.
+        acked_before = list(acked)
+        await p.checkpoint_due(force=True)
+        assert acked_before == []
+        return io, acked
+
+    io, acked = run(go())
+    assert acked == [0, 1, 2, 3, 4]
+    last_checkpoint = max(i for i, e in enumerate(io.log) if e == ("checkpoint", 0))
+    alert_acked = max(i for i, e in enumerate(io.log) if e == ("acked", "alerts"))
+    assert alert_acked < last_checkpoint, "a checkpoint was written before the alerts it covers were on the broker"
+
+
+def test_restore_skips_covered_input_and_does_not_republish():
+    values = stream(90)
+    expected = []
+    engine = Engine()
+    for v in values:
+        for ev in orjson.loads(v):
+            expected += [a["event"]["id"] for a in engine.process(c.validate_or_raise(ev))]
+    assert len(expected) >= 3
+
+    async def go() -> FakeIO:
+        io = FakeIO()
+        first = pipeline(io)
+        for off, v in enumerate(values[:40]):
+            await first.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+            if off == 20:
+                await first.checkpoint_due(force=True)
+        await io.flush()  # alerts after the checkpoint reached the broker; then the worker dies
+        second = pipeline(io)  # a fresh engine: everything comes from the checkpoint
+        for off, v in enumerate(values):  # the consumer restarts from an older committed offset
+            await second.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+        await io.flush()
+        assert second.stats["skipped"] == 21
+        return io
+
+    io = run(go())
+    published = [orjson.loads(v)["event"]["id"] for v in io.topics["alerts"]]
+    assert published == expected
+
+
+def test_bad_messages_and_failing_detectors_are_dead_lettered_and_processing_goes_on():
+    class Exploding(Detector):
+        id = "test.exploding"
+        title = "raises on pid 666"
+        description = "A detector with a bug, to check failures are dead-lettered, not swallowed."
+        severity = "low"
+        datasets = frozenset({Dataset.PROCESS})
+        signal = Signal.SUSPICIOUS_PROCESS
+        examples: ClassVar = []
+        abstract = True  # never discovered
+
+        def process(self, event: dict[str, Any], state: Any) -> Iterable[Any]:
+            if event["process"]["pid"] == 666:
+                raise ZeroDivisionError("division by zero")
+            return ()
+
+    engine = Engine(detectors=[*(cls() for cls in discover()), Exploding()])
+
+    async def go() -> tuple[FakeIO, Pipeline]:
+        io = FakeIO()
+        p = pipeline(io, engine=engine)
+        bad_type = benign_start(HOST, T0, pid=1)
+        bad_type["process"]["pid"] = "1"
+        inputs = [b"\xff\xfe", b'[{"@timestamp": "2026', msg([bad_type]), b"x" * 2_000_000, None,
+                  msg([benign_start(HOST, T0, pid=666), miner_start(HOST, T0 + 1)]),
+                  msg([benign_start("other-host", T0, pid=5)])]
+        for off, v in enumerate(inputs):
+            await p.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+        await io.flush()
+        return io, p
+
+    io, p = run(go())
+    letters = [orjson.loads(v) for v in io.topics["dead"]]
+    assert [d["event"]["reason"] for d in letters] == [
+        "not_json", "not_json", "wrong_type", "oversize", "not_json", "detector_failed", "host_mismatch"]
+    assert [d["gpusentry"]["deadletter"]["offset"] for d in letters] == [0, 1, 2, 3, 4, 5, 6]
+    failed = letters[5]
+    assert failed["rule"]["id"] == "test.exploding" and "ZeroDivisionError" in failed["error"]["message"]
+    assert orjson.loads(failed["event"]["original"])["process"]["pid"] == 666
+    assert "original" not in letters[3]["event"]  # a 2 MB message is not copied
+    # The miner in the same batch as the failing event still raised its incident.
+    assert [orjson.loads(v)["host"]["name"] for v in io.topics["alerts"]] == [HOST]
+    assert p.metrics.deadletters.labels("detector_failed")._value.get() == 1
+
+
+def test_feedback_scopes_and_expiry():
+    supp = Suppressions()
+    supp.apply(*parse_feedback(feedback_message(host=HOST, rule="process.miner_binary",
+                                                expires="2026-09-21T15:00:00Z")))
+    alert = {"@timestamp": "x", "host": {"name": HOST}, "rule": {"id": "gpusentry.incident"},
+             "gpusentry": {"alert": {"rules": ["process.miner_binary"], "dedup_key": "k"}}}
+    assert supp.matching(alert, T0) is not None
+    assert supp.matching(alert, T0 + 3600) is None  # expired by event time
+    assert supp.matching({**alert, "host": {"name": "elsewhere"}}, T0) is None
+    assert supp.matching({**alert, "gpusentry": {"alert": {"rules": ["gpu.mining_signature"]}}}, T0) is None
+    supp.apply(*parse_feedback(feedback_message(verdict="revoke", host=HOST, rule="process.miner_binary")))
+    assert len(supp) == 0
+    supp.apply(*parse_feedback(feedback_message(executable="/opt/audit/hashcat")))
+    assert supp.matching({**alert, "process": {"executable": "/opt/audit/hashcat"}}, T0) is not None
+    assert supp.matching(alert, T0) is None
+
+
+@pytest.mark.parametrize(("value", "fix"), [
+    (b"", "no value"), (b"{", "not valid JSON"), (b"[]", "JSON object"),
+    (orjson.dumps({"gpusentry": {"feedback": {"verdict": "ok"}}}), "verdict"),
+    (orjson.dumps({"gpusentry": {"feedback": {"verdict": "benign"}}}), "needs a scope"),
+    (orjson.dumps({"gpusentry": {"feedback": {"verdict": "benign", "expires": "soon"}}, "host": {"name": "a"}}),
+     "RFC 3339"),
+])
+def test_bad_feedback_says_what_is_expected(value, fix):
+    with pytest.raises(FeedbackError, match=fix):
+        parse_feedback(value)
+
+
+def test_suppressed_updates_are_not_published():
+    supp = Suppressions()
+    supp.apply(*parse_feedback(feedback_message(host=HOST)))
+
+    async def go() -> tuple[FakeIO, Pipeline]:
+        io = FakeIO()
+        p = pipeline(io, suppressions=supp)
+        for off, v in enumerate(stream(10)):
+            await p.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+        await io.flush()
+        return io, p
+
+    io, p = run(go())
+    assert io.topics["alerts"] == [] and p.stats["suppressed"] >= 1
