@@ -131,10 +131,35 @@ def worker(config: ConfigOption = None,
 
 
 @app.command()
-def simulate(config: ConfigOption = None) -> None:
+def simulate(
+    scenario: Annotated[list[str] | None, typer.Option("--scenario", "-s", help="Scenario to simulate (repeat "
+                                                       "for several; default: all). See --list.")] = None,
+    hosts: Annotated[int, typer.Option(help="Hosts per scenario.")] = 1,
+    duration: Annotated[float, typer.Option(help="Seconds of event time per host.")] = 1800.0,
+    interval: Annotated[float, typer.Option(help="Agent sampling interval in seconds; 0 varies it per host "
+                                            "(1-10 s).")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same events.")] = 42,
+    start: Annotated[str, typer.Option(help="Start time: RFC 3339, epoch seconds or 'now'.")] =
+        "2026-11-01T00:00:00.000Z",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write events here (JSONL, .gz compresses); "
+                                             "default stdout.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Write each host's scenario, label and attack start "
+                                                "here (JSON); labels are never in the events.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the scenarios and exit.")] = False,
+    config: ConfigOption = None,
+) -> None:
     """Write labelled fleet scenarios (benign work and hijacks) as contract events."""
+    from gpusentry.simulate.cli import list_scenarios, run_simulate
+
     setup(config)
-    not_yet("simulate", "the scenario simulator is being built")
+    if list_:
+        list_scenarios(Console(soft_wrap=True))
+        return
+    try:
+        run_simulate(scenario or [], hosts=hosts, duration_s=duration, interval_s=interval, seed=seed, start=start,
+                     out=out, labels=labels, progress=err)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 @app.command()
