@@ -23,16 +23,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
+import orjson
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-from gpusentry import __version__
 from gpusentry.contract import get
 from gpusentry.settings.outputs import DeliveryPolicy
 from gpusentry.timefmt import format_timestamp
 from outputs.base import SEVERITY_ORDER, Alert, Clock, DeliveryError, Output, dedup_key, severity, status
 
 log = logging.getLogger(__name__)
+DELIVERY_FAILED = "delivery_failed"
 
 DELIVERED = PromCounter("gpusentry_output_delivered", "Alerts delivered, by output", ["output"])
 ATTEMPT_FAILURES = PromCounter("gpusentry_output_attempt_failures", "Failed delivery attempts, by output",
@@ -62,20 +63,22 @@ class MemoryDeadLetterSink:
 
 def dead_letter_record(alert: Alert, output: str, reason: str, attempts: int, now: float,
                        status_code: int | None = None) -> dict[str, Any]:
-    """An ECS-style dead letter: the alert as it was, which output failed, after how many attempts, why."""
-    error: dict[str, Any] = {"type": "delivery_failed", "message": reason}
-    if status_code is not None:
-        error["code"] = str(status_code)
-    return {
-        "@timestamp": format_timestamp(now),
-        "event": {"kind": "event", "dataset": "gpusentry.deadletter", "category": ["process"],
-                  "type": ["error"], "outcome": "failure"},
+    """A dead letter in the same shape as the worker's: ECS ``event.reason``/``error.*``, the alert as
+    ``event.original`` (JSON text), and which output failed after how many attempts."""
+    ts = format_timestamp(now)
+    record: dict[str, Any] = {
+        "@timestamp": ts,
+        "event": {"kind": "event", "dataset": "gpusentry.deadletter", "reason": DELIVERY_FAILED, "created": ts,
+                  "original": orjson.dumps(alert).decode()},
+        "error": {"code": DELIVERY_FAILED, "message": reason},
         "host": {"name": get(alert, "host.name")},
-        "agent": {"type": "gpusentry", "version": __version__},
-        "error": error,
+        "rule": {"id": get(alert, "rule.id")},
         "gpusentry": {"deadletter": {"stage": "output", "output": output, "attempts": attempts,
-                                     "original": alert}},
+                                     "dedup_key": dedup_key(alert)}},
     }
+    if status_code is not None:
+        record["http"] = {"response": {"status_code": status_code}}
+    return record
 
 
 # ---------------------------------------------------------------------------- policy pieces

@@ -52,14 +52,15 @@ class ForwardSummary:
                 f"{parts}")
 
 
-def reject_record(value: bytes | None, reason: str, code: str, now: float) -> dict[str, Any]:
+def reject_record(value: bytes | None, reason: str, code: str, now: float, where: dict[str, Any]) -> dict[str, Any]:
+    """A message on the alerts topic that is not a valid alert (same shape as the worker's dead letters)."""
+    ts = format_timestamp(now)
     return {
-        "@timestamp": format_timestamp(now),
-        "event": {"kind": "event", "dataset": "gpusentry.deadletter", "category": ["process"],
-                  "type": ["error"], "outcome": "failure"},
-        "error": {"type": "rejected", "code": code, "message": reason},
-        "gpusentry": {"deadletter": {"stage": "forwarder",
-                                     "original_text": (value or b"")[:65536].decode("utf-8", "replace")}},
+        "@timestamp": ts,
+        "event": {"kind": "event", "dataset": "gpusentry.deadletter", "reason": code, "created": ts,
+                  "original": (value or b"")[:65536].decode("utf-8", "replace")},
+        "error": {"code": code, "message": reason},
+        "gpusentry": {"deadletter": {"stage": "forwarder", **where}},
     }
 
 
@@ -93,7 +94,8 @@ async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = Non
             for records in batches.values():
                 for record in records:
                     summary.messages += 1
-                    tickets.extend(await _submit(record.value, cfg, dispatcher, sink, clock, summary))
+                    where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+                    tickets.extend(await _submit(record.value, where, cfg, dispatcher, sink, clock, summary))
             for outcomes in await asyncio.gather(*tickets):
                 for o in outcomes:
                     summary.outcomes[f"{o.output}:{'delivered' if o.delivered else 'dead_lettered'}"] += 1
@@ -108,19 +110,19 @@ async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = Non
     return summary
 
 
-async def _submit(value: bytes | None, cfg: Config, dispatcher: Dispatcher, sink: DeadLetterSink, clock: Clock,
+async def _submit(value: bytes | None, where: dict[str, Any], cfg: Config, dispatcher: Dispatcher, sink: DeadLetterSink, clock: Clock,
                   summary: ForwardSummary) -> list[asyncio.Future[list[Outcome]]]:
     decoded = decode_message(value, max_bytes=cfg.contract.max_message_bytes)
     tickets = []
     for reject in decoded.rejects:
         summary.rejected += 1
-        await sink.send(reject_record(value, str(reject), reject.code.value, clock.time()), "")
+        await sink.send(reject_record(value, str(reject), reject.code.value, clock.time(), where), "")
     for event in decoded.events:
         if event["event"]["dataset"] != Dataset.ALERT.value:
             summary.rejected += 1
             await sink.send(reject_record(value, f"event.dataset {event['event']['dataset']!r} on the alerts "
                                           "topic; only gpusentry.alert incidents are forwarded", "bad_value",
-                                          clock.time()), "")
+                                          clock.time(), where), "")
             continue
         summary.alerts += 1
         tickets.append(await dispatcher.submit(event))

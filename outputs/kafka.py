@@ -71,5 +71,7 @@ class KafkaDeadLetterSink:
         self.sent = 0
 
     async def send(self, record: dict[str, Any], key: str) -> None:
-        await self.producer.send_and_wait(self.topic, orjson.dumps(record), key=key.encode() if key else None)
+        reason = str(record.get("event", {}).get("reason", ""))
+        await self.producer.send_and_wait(self.topic, orjson.dumps(record), key=key.encode() if key else None,
+                                          headers=[("reason", reason.encode())])
         self.sent += 1

@@ -7,6 +7,8 @@ import copy
 import time
 from typing import Any
 
+import orjson
+
 from gpusentry.contract import set_path
 from outputs.base import Clock
 from outputs.sample import sample_incident
@@ -55,3 +57,8 @@ def with_network(a: dict[str, Any]) -> dict[str, Any]:
                         "destination.port": 3333, "destination.domain": "pool.example.net"}.items():
         set_path(a, path, value)
     return a
+
+
+def original(dead_letter: dict[str, Any]) -> dict[str, Any]:
+    """The alert a dead letter carries (``event.original`` is its JSON text, as ECS defines the field)."""
+    return orjson.loads(dead_letter["event"]["original"])

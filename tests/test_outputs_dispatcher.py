@@ -24,7 +24,7 @@ from outputs.dispatcher import (
     TokenBucket,
     backoff_delay,
 )
-from tests.outputs_helpers import FakeClock, alert
+from tests.outputs_helpers import FakeClock, alert, original
 
 
 class Scripted(Output):
@@ -78,7 +78,7 @@ def test_routing_by_severity_status_host_and_rule():
     assert not route.matches(alert(1, gpusentry__alert__severity="medium"))
     assert not route.matches(alert(1, host__name="cpu-1"))
     assert not route.matches(alert(1, host__name="gpu-node-9"))
-    assert not route.matches(alert(1, gpusentry__alert__rules=["gpu.mining_signature"]))
+    assert not route.matches(alert(1, rule__id="gpu.mining_signature", gpusentry__alert__rules=["gpu.mining_signature"]))
 
 
 def test_alerts_only_reach_outputs_that_route_them():
@@ -147,9 +147,9 @@ def test_permanent_error_is_not_retried_and_dead_lettered_with_reason():
     d, sink, results = asyncio.run(main())
     assert not results[0][0].delivered and results[0][0].attempts == 1
     (record,) = sink.records
-    assert record["error"]["message"].endswith("invalid_blocks") and record["error"]["code"] == "400"
+    assert record["error"]["message"].endswith("invalid_blocks") and record["http"]["response"]["status_code"] == 400
     assert record["gpusentry"]["deadletter"]["output"] == "scripted"
-    assert record["gpusentry"]["deadletter"]["original"] == alert(1)
+    assert original(record) == alert(1)
     assert record["event"]["dataset"] == "gpusentry.deadletter"
 
 
@@ -318,7 +318,7 @@ def test_every_submitted_alert_is_delivered_or_dead_lettered():
 
     out, sink, outcomes = asyncio.run(main())
     delivered = {a["event"]["id"] for a in out.delivered}
-    dead = {r["gpusentry"]["deadletter"]["original"]["event"]["id"] for r in sink.records}
+    dead = {original(r)["event"]["id"] for r in sink.records}
     assert len(outcomes) == 60
     assert delivered.isdisjoint(dead) and len(delivered | dead) == 60
     assert len(sink.records) == sum(not o.delivered for o in outcomes)

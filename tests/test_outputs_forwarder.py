@@ -14,7 +14,7 @@ from gpusentry import contract as c
 from gpusentry.config import load_config
 from outputs.forwarder import forward
 from tests import outputs_receivers as rx
-from tests.outputs_helpers import alert, incident
+from tests.outputs_helpers import alert, incident, original
 
 pytestmark = pytest.mark.broker
 
@@ -88,10 +88,12 @@ def test_forward_delivers_dead_letters_and_commits(bootstrap, topic_factory, rec
     assert summary.outcomes["pagerduty:dead_lettered"] == 1 and summary.outcomes["webhook:delivered"] == 3
 
     dead = read_topic(bootstrap, dead_topic, 3)
-    stages = sorted((d["gpusentry"]["deadletter"]["stage"], d["error"]["type"]) for d in dead)
-    assert stages == [("forwarder", "rejected"), ("forwarder", "rejected"), ("output", "delivery_failed")]
+    stages = sorted((d["gpusentry"]["deadletter"]["stage"], d["event"]["reason"]) for d in dead)
+    assert stages == [("forwarder", "bad_value"), ("forwarder", "not_json"), ("output", "delivery_failed")]
+    bad = next(d for d in dead if d["event"]["reason"] == "not_json")
+    assert bad["event"]["original"] == "{not json" and bad["gpusentry"]["deadletter"]["topic"] == alerts_topic
     failed = next(d for d in dead if d["gpusentry"]["deadletter"]["stage"] == "output")
-    assert failed["gpusentry"]["deadletter"]["original"] == opened and "test refusal" in failed["error"]["message"]
+    assert original(failed) == opened and "test refusal" in failed["error"]["message"]
     assert rx.PD_ROUTING_KEY not in str(dead)
 
     ecs = read_topic(bootstrap, ecs_topic, 3)
@@ -115,5 +117,5 @@ def test_deliver_alerts_for_replay(receivers):
     receivers.plan(rx.WEBHOOK_PATH, 500)
     summary, dead = deliver_alerts(cfg, [alert(1), alert(2)])
     assert summary.outcomes == {"webhook:dead_lettered": 1, "webhook:delivered": 1}
-    assert dead[0]["gpusentry"]["deadletter"]["original"] == alert(1)
+    assert original(dead[0]) == alert(1)
     assert receivers.received[rx.WEBHOOK_PATH] == [alert(2)]

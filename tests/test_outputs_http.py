@@ -24,7 +24,7 @@ from outputs.pagerduty import PagerDutyOutput
 from outputs.slack import SlackOutput, build_message
 from outputs.webhook import WebhookOutput
 from tests import outputs_receivers as rx
-from tests.outputs_helpers import FakeClock, alert, incident, with_network
+from tests.outputs_helpers import FakeClock, alert, incident, original, with_network
 
 FAST = {"enabled": True, "timeout_s": 2.0, "backoff_initial_s": 1.0, "backoff_max_s": 8.0, "breaker_failures": 0}
 
@@ -252,7 +252,7 @@ def test_outage_with_breaker_loses_nothing(receivers):
 
     sink, outcomes = asyncio.run(main())
     delivered = {a["event"]["id"] for a in receivers.received[rx.WEBHOOK_PATH]}
-    dead = {r["gpusentry"]["deadletter"]["original"]["event"]["id"] for r in sink.records}
+    dead = {original(r)["event"]["id"] for r in sink.records}
     assert len(delivered) + len(dead) == 16 and delivered.isdisjoint(dead)
     assert any("circuit breaker open" in r["error"]["message"] for r in sink.records)
     assert outcomes[-1].delivered, "the breaker closes again once the receiver recovers"
