@@ -257,3 +257,15 @@ def test_outage_with_breaker_loses_nothing(receivers):
     assert any("circuit breaker open" in r["error"]["message"] for r in sink.records)
     assert outcomes[-1].delivered, "the breaker closes again once the receiver recovers"
     assert receivers.count(rx.WEBHOOK_PATH) == 5 + len(delivered), "the open breaker spared the failing receiver"
+
+
+def test_hec_batches_respect_the_byte_limit(receivers):
+    clock = FakeClock()
+    out = HecOutput(hec(receivers, batch_max_events=100, batch_max_bytes=8000), clock=clock)
+    size = out.encoded_size(alert(0))
+    alerts = [alert(i) for i in range(20)]
+    _, sink, outcomes = asyncio.run(deliver_all([out], alerts, clock))
+    assert all(o.delivered for o in outcomes) and not receivers.violations
+    per_request = receivers.received["hec_requests"]
+    assert sum(per_request) == 20 and max(per_request) <= 8000 // size and len(per_request) < 20
+    assert [e["event"]["event"]["id"] for e in receivers.received[rx.HEC_PATH]] == [a["event"]["id"] for a in alerts]
