@@ -170,15 +170,26 @@ def replay(
     strict: Annotated[bool, typer.Option(help="Exit 4 when any line was rejected.")] = False,
     host: Annotated[str | None, typer.Option(help="host.name of events made from captures (default: the file "
                                                   "stem).")] = None,
+    deliver: Annotated[bool, typer.Option(help="Also send the alerts to the enabled outputs ([outputs.*]); "
+                                               "exit 1 if any delivery failed.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Run the detectors over event files and captures and print the alerts as JSONL."""
     from gpusentry.replay import run_replay
 
     cfg = setup(config)
-    summary = run_replay(files, cfg, out=out, progress_console=err, host=host)
+    failed_deliveries = 0
+    if deliver:
+        from outputs.cli import CommandError, replay_and_deliver
+
+        try:
+            summary, failed_deliveries = replay_and_deliver(files, cfg, out=out, console=err, host=host)
+        except CommandError as exc:
+            fail(str(exc), exc.code)
+    else:
+        summary = run_replay(files, cfg, out=out, progress_console=err, host=host)
     err.print(summary.describe(), highlight=False)
-    if summary.failed_files:
+    if summary.failed_files or failed_deliveries:
         raise typer.Exit(EXIT_FAILED)
     if strict and summary.rejected:
         raise typer.Exit(EXIT_REJECTS)

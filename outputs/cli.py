@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import orjson
 from rich.console import Console
 from rich.table import Table
 
 from gpusentry.config import Config
 from outputs.base import Output
 from outputs.dispatcher import Dispatcher, MemoryDeadLetterSink
-from outputs.forwarder import ForwarderError, ForwardSummary, forward
+from outputs.forwarder import ForwarderError, ForwardSummary, deliver_alerts, forward
 from outputs.registry import OutputConfigError, build_outputs
 from outputs.sample import sample_incident
 
@@ -39,6 +44,34 @@ def run_forward(cfg: Config) -> ForwardSummary:
         return asyncio.run(main())
     except (ForwarderError, OutputConfigError) as exc:
         raise CommandError(str(exc), 2) from None
+
+
+def replay_and_deliver(files: list[Path], cfg: Config, *, out: Path | None, console: Console,
+                       **replay_options: Any) -> tuple[Any, int]:
+    """`gpusentry replay --deliver`: replay, write the alerts as usual, then send them to the enabled outputs.
+
+    Returns the replay summary and how many deliveries failed (their dead letters are printed as JSONL
+    on stderr, since a replay need not have a Kafka cluster to put them on).
+    """
+    from gpusentry.replay import run_replay
+
+    try:
+        build_outputs(cfg)  # fail on a bad output setup before the (possibly long) replay
+    except OutputConfigError as exc:
+        raise CommandError(str(exc), 2) from None
+    with tempfile.TemporaryDirectory(prefix="gpusentry-replay-") as tmp:
+        target = out or Path(tmp) / "alerts.jsonl"
+        summary = run_replay(files, cfg, out=target, progress_console=console, **replay_options)
+        data = target.read_bytes()
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    alerts = [orjson.loads(line) for line in data.splitlines() if line.strip()]
+    delivered, dead = deliver_alerts(cfg, alerts)
+    console.print(delivered.describe().replace("forward:", "deliver:"), highlight=False)
+    for record in dead:
+        console.print(orjson.dumps(record).decode(), highlight=False, markup=False, soft_wrap=True)
+    return summary, len(dead)
 
 
 @dataclass

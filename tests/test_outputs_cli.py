@@ -77,3 +77,25 @@ def test_forward_without_outputs_exits_2_with_the_fix(tmp_path):
 def test_help(args):
     result = runner.invoke(app, [*args, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_replay_deliver_sends_the_replayed_alerts(receivers, tmp_path):
+    import orjson
+
+    from detectors.examples import proc
+
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(orjson.dumps(proc("/dev/shm/.x/xmrig --donate-level 1 -o pool.example:3333")) + b"\n")
+    out = tmp_path / "alerts.jsonl"
+    env = {"GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true", "GPUSENTRY_OUTPUTS__WEBHOOK__URL": receivers.base + rx.WEBHOOK_PATH,
+           "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": rx.WEBHOOK_SECRET}
+    result = invoke(["replay", str(events), "--out", str(out), "--deliver"], env, tmp_path)
+    assert result.exit_code == 0, result.output
+    written = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert written and receivers.received[rx.WEBHOOK_PATH] == written
+    assert "webhook:delivered" in result.output
+
+    receivers.plan(rx.WEBHOOK_PATH, (410, {}, "gone"))
+    result = invoke(["replay", str(events), "--deliver"], {**env, "GPUSENTRY_OUTPUTS__WEBHOOK__MAX_ATTEMPTS": "1"},
+                    tmp_path)
+    assert result.exit_code == 1 and '"delivery_failed"' in result.output and "HTTP 410" in result.output
