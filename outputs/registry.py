@@ -45,3 +45,8 @@ def build_outputs(cfg: Config, *, clock: Clock | None = None, only: list[str] | 
     except (ConfigSecretError, ValueError) as exc:
         raise OutputConfigError(str(exc)) from None
     return outputs
+
+
+def enabled_output_names(cfg: Config) -> list[str]:
+    """Names of the enabled outputs (e.g. for `gpusentry up` to decide whether to start `gpusentry forward`)."""
+    return [n for n in OUTPUT_NAMES if getattr(cfg.outputs, n).enabled]
