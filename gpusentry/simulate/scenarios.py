@@ -125,15 +125,16 @@ def notebook(sim: HostSim) -> float | None:
 
 
 def burn_in(sim: HostSim) -> float | None:
-    third = sim.duration_s / 3
-    burn = sim.spawn(5, f"/usr/local/bin/gpu_burn -tc {int(third)}", user="root", cwd="/root")
-    sim.run(10, third, sim.gpus, lambda r: GpuBurn(sim.spec, r, burn))
-    sim.exit(third, burn)
-    diag = sim.spawn(third + 10, "/usr/bin/dcgmi diag -r 3", user="root", cwd="/root")
-    sim.run(third + 15, 2 * third, sim.gpus, lambda r: DcgmDiag(sim.spec, r, diag))
-    sim.exit(2 * third, diag)
-    bw = sim.spawn(2 * third + 10, "/usr/local/bin/nvbandwidth -t all", user="root", cwd="/root")
-    sim.run(2 * third + 15, sim.duration_s - 60, sim.gpus, lambda r: NvBandwidth(sim.spec, r, bw))
+    burn_end = max(720.0, sim.duration_s * 0.45)  # gpu-burn for at least 12 minutes: past the 10-minute alert
+    diag_end = burn_end + (sim.duration_s - burn_end) * 0.6
+    burn = sim.spawn(5, f"/usr/local/bin/gpu_burn -tc {int(burn_end - 10)}", user="root", cwd="/root")
+    sim.run(10, burn_end, sim.gpus, lambda r: GpuBurn(sim.spec, r, burn))
+    sim.exit(burn_end, burn)
+    diag = sim.spawn(burn_end + 10, "/usr/bin/dcgmi diag -r 3", user="root", cwd="/root")
+    sim.run(burn_end + 15, diag_end, sim.gpus, lambda r: DcgmDiag(sim.spec, r, diag))
+    sim.exit(diag_end, diag)
+    bw = sim.spawn(diag_end + 10, "/usr/local/bin/nvbandwidth -t all", user="root", cwd="/root")
+    sim.run(diag_end + 15, sim.duration_s - 30, sim.gpus, lambda r: NvBandwidth(sim.spec, r, bw))
     return None
 
 
