@@ -85,6 +85,10 @@ class Output:
     async def send(self, batch: Sequence[Alert]) -> None:
         raise NotImplementedError
 
+    def attempt_timeout_s(self) -> float:
+        """Longest one ``send`` may take before the dispatcher abandons the attempt."""
+        return self.policy.timeout_s
+
     def encoded_size(self, alert: Alert) -> int:
         """Bytes ``alert`` adds to a batch (only outputs with ``max_batch_bytes`` need it)."""
         return 0

@@ -17,6 +17,7 @@ import asyncio
 import fnmatch
 import logging
 import random
+import traceback
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -273,11 +274,12 @@ class Lane:
             attempts += 1
             self.stats["attempts"] += 1
             try:
-                await asyncio.wait_for(self.output.send(alerts), self.policy.timeout_s)
+                await asyncio.wait_for(self.output.send(alerts), self.output.attempt_timeout_s())
             except DeliveryError as exc:
                 error = exc
             except (TimeoutError, httpx.TimeoutException):
-                error = DeliveryError(f"no answer within {self.policy.timeout_s:g}s (timeout_s)", retryable=True)
+                error = DeliveryError(f"no answer within {self.output.attempt_timeout_s():g}s (timeout_s)",
+                                      retryable=True)
             except (httpx.TransportError, OSError) as exc:
                 error = DeliveryError(f"connection failed: {type(exc).__name__}: {exc}", retryable=True)
             except asyncio.CancelledError:
@@ -287,7 +289,8 @@ class Lane:
                 self.stats["bugs"] += 1
                 OUTPUT_BUGS.labels(self.name).inc()
                 reason = scrub(f"output {self.name} raised {type(exc).__name__}: {exc}", secrets)
-                log.error("%s (alert dead-lettered)", reason, exc_info=not self.dispatcher.strict)
+                trace = scrub("".join(traceback.format_exception(exc)), secrets)  # scrubbed like the reason
+                log.error("%s (alert dead-lettered)\n%s", reason, trace)
                 await self._dead_letter(batch, reason, attempts, None)
                 if self.dispatcher.strict:
                     raise

@@ -68,6 +68,10 @@ class HecOutput(Output):
     def secrets(self) -> Iterable[str]:
         return (self._token,)
 
+    def attempt_timeout_s(self) -> float:
+        # With acknowledgement an attempt includes waiting for the indexer, not just the POST.
+        return self.settings.timeout_s + (self.settings.ack_timeout_s if self.settings.ack else 0.0)
+
     def encode(self, alert: Alert) -> bytes:
         return orjson.dumps(hec_event(alert, self.settings))
 
