@@ -273,8 +273,15 @@ def test_secrets_never_reach_dead_letters_logs_or_reprs(caplog):
                        secret=secret)
         return out, await run([out], [alert(1)])
 
+    async def bug():
+        out = Scripted(policy(), [ValueError(f"bad header Bearer {secret}")], secret=secret)
+        return await run([out], [alert(2)], strict=False)
+
     with caplog.at_level(logging.DEBUG):
         out, (_, sink, results) = asyncio.run(main())
+        _, bug_sink, _ = asyncio.run(bug())
+    assert "Traceback" in caplog.text and "ValueError" in caplog.text
+    assert secret not in str(bug_sink.records)
     assert secret not in str(sink.records) and secret not in caplog.text and secret not in results[0][0].reason
     assert "***" in sink.records[0]["error"]["message"]
     assert secret not in repr(out)
