@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 import tempfile
@@ -21,6 +22,8 @@ from outputs.forwarder import ForwarderError, ForwardSummary, deliver_alerts, fo
 from outputs.registry import OutputConfigError, build_outputs
 from outputs.sample import sample_incident
 
+console_log = logging.getLogger("outputs.forward")
+
 
 class CommandError(RuntimeError):
     """Failure the CLI reports with an exit code: ``code`` 1 ran and failed, 2 bad configuration."""
@@ -32,6 +35,12 @@ class CommandError(RuntimeError):
 
 def run_forward(cfg: Config) -> ForwardSummary:
     """`gpusentry forward`: until SIGINT/SIGTERM, then drain and commit."""
+
+    if cfg.outputs.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.outputs.metrics_port, addr=cfg.outputs.metrics_host)
+        console_log.info("metrics on http://%s:%d/metrics", cfg.outputs.metrics_host, cfg.outputs.metrics_port)
 
     async def main() -> ForwardSummary:
         stop = asyncio.Event()

@@ -329,3 +329,21 @@ def test_every_submitted_alert_is_delivered_or_dead_lettered():
     assert len(outcomes) == 60
     assert delivered.isdisjoint(dead) and len(delivered | dead) == 60
     assert len(sink.records) == sum(not o.delivered for o in outcomes)
+
+
+def test_prometheus_counters_follow_the_outcomes():
+    from prometheus_client import REGISTRY
+
+    def value(name, output):
+        return REGISTRY.get_sample_value(name, {"output": output}) or 0.0
+
+    before = (value("gpusentry_output_delivered_total", "metrics-probe"),
+              value("gpusentry_output_dead_letters_total", "metrics-probe"))
+
+    async def main():
+        out = Scripted(policy(max_attempts=1), [DeliveryError("no", retryable=False)], name="metrics-probe")
+        return await run([out], [alert(1), alert(2), alert(3)])
+
+    asyncio.run(main())
+    assert value("gpusentry_output_delivered_total", "metrics-probe") == before[0] + 2
+    assert value("gpusentry_output_dead_letters_total", "metrics-probe") == before[1] + 1

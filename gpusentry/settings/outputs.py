@@ -181,6 +181,10 @@ class OutputSettings(Section):
     start_from: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a new forwarder group starts on the alerts topic.")
     seed: int | None = Field(None, description="Seed of the retry jitter (tests); default: random.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="`gpusentry forward` serves Prometheus metrics "
+                              "(deliveries, failed attempts, dead letters, breaker state per output) at this port; "
+                              "0 turns them off.")
+    metrics_host: str = Field("127.0.0.1", description="Address the forwarder's metrics endpoint binds to.")
     kafka: KafkaOutputSettings = Field(default_factory=KafkaOutputSettings, description="Kafka topic output.")
     syslog: SyslogOutputSettings = Field(default_factory=SyslogOutputSettings, description="Syslog output.")
     hec: HecOutputSettings = Field(default_factory=HecOutputSettings, description="Splunk HEC output.")
