@@ -83,8 +83,15 @@ def version() -> None:
 def up(config: ConfigOption = None,
        demo: Annotated[bool, typer.Option(help="Also inject a simulated hijack on a simulated host.")] = False) -> None:
     """Run everything on this machine: embedded broker, worker, local agent, live incident view."""
-    setup(config)
-    not_yet("up", "the streaming pipeline is being built")
+    cfg = setup(config)
+    from gpusentry.broker import BrokerUnavailable
+    from streams.up import run_up
+
+    try:
+        code = run_up(cfg, demo=demo, config_path=config, console=Console())
+    except BrokerUnavailable as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -1,0 +1,284 @@
+"""``gpusentry up``: the whole system on one machine, with a live view of the incidents.
+
+Starts the embedded broker (unless ``kafka.bootstrap_servers`` names one), creates the topics, runs one
+worker and the local agent as child processes, and shows every incident update live while appending
+it to the incidents file (``worker.incidents_file``).  ``--demo`` also replays a simulated hijack on a
+simulated host, so a machine without a GPU sees a detection within a minute.  Ctrl-C stops everything:
+demo, agent, worker (which writes its final checkpoint), then the broker.
+
+The embedded broker keeps everything in memory: topics, alerts and checkpoints are gone when ``up``
+stops.  The incidents file is kept (and appended to by the next run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from gpusentry.broker import EmbeddedBroker, create_topics
+from gpusentry.config import Config
+
+EXIT_NOT_AVAILABLE = 3
+DEMO_HOST = "sim-demo-gpu-01"
+DEMO_SCENARIO = "miner-blatant"
+DEMO_HISTORY_S = 15 * 60  # replayed at once: the hijack starts a quarter in, so it is found in seconds
+DEMO_LIVE_S = 45 * 60  # then the same host goes on in real time
+SEVERITY_STYLE = {"low": "cyan", "medium": "yellow", "high": "red", "critical": "bold white on red"}
+
+
+@dataclass
+class Child:
+    """A child process (worker, agent, forwarder) with its log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    note: str = ""
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            # A session of its own: Ctrl-C reaches only `up`, which then stops the children in order.
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def status(self) -> str:
+        if self.proc is None:
+            return self.note or "not started"
+        rc = self.proc.poll()
+        if rc is None:
+            return f"running (pid {self.proc.pid})"
+        if rc == EXIT_NOT_AVAILABLE:
+            return "not available in this build (exit 3); continuing without it"
+        return f"exited with {rc}; see {self.log_path}"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@dataclass
+class IncidentView:
+    """The latest update of every incident, by dedup key."""
+
+    incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    updates: int = 0
+
+    def add(self, alert: dict[str, Any]) -> None:
+        key = alert.get("gpusentry", {}).get("alert", {}).get("dedup_key") or alert.get("event", {}).get("id", "?")
+        self.incidents[key] = alert
+        self.updates += 1
+
+    def table(self) -> Table:
+        t = Table(expand=True, title=f"incidents ({len(self.incidents)}, {self.updates} updates)")
+        for col in ("last update (event time)", "host", "severity", "status", "evidence", "GPU-h / USD", "message"):
+            t.add_column(col, overflow="fold")
+        for alert in sorted(self.incidents.values(), key=lambda a: a["@timestamp"], reverse=True)[:20]:
+            a = alert["gpusentry"]["alert"]
+            cost = a.get("cost", {})
+            t.add_row(alert["@timestamp"], alert["host"]["name"],
+                      f"[{SEVERITY_STYLE.get(a['severity'], '')}]{a['severity']}[/]", a["status"],
+                      f"{a.get('evidence_count', 0)}: {', '.join(a.get('signals', []))}",
+                      f"{cost.get('gpu_seconds', 0) / 3600:.2f} / {cost.get('usd', 0):.2f}", alert.get("message", ""))
+        return t
+
+
+def demo_batches(start: float) -> Iterator[tuple[str, float, list[dict[str, Any]]]]:
+    """The simulated hijack as agent-style messages: one per dataset per collection cycle."""
+    from gpusentry.simulate import generate
+
+    batch: list[dict[str, Any]] = []
+    key: tuple[str, str] | None = None
+    for event in generate(DEMO_SCENARIO, DEMO_HOST, start, DEMO_HISTORY_S + DEMO_LIVE_S, 5.0, seed=42):
+        k = (event["event"]["dataset"], event["@timestamp"])
+        if key is not None and k != key and batch:
+            yield key[0], _ts(batch[0]), batch
+            batch = []
+        key = k
+        batch.append(event)
+    if batch and key is not None:
+        yield key[0], _ts(batch[0]), batch
+
+
+def _ts(event: dict[str, Any]) -> float:
+    from gpusentry.contract import event_time
+
+    return event_time(event)
+
+
+class Demo(threading.Thread):
+    """Publishes the simulated hijack: the first 15 minutes at once, the rest as the clock reaches it."""
+
+    def __init__(self, cfg: Config, bootstrap: str) -> None:
+        super().__init__(name="gpusentry-demo", daemon=True)
+        self.cfg = cfg
+        self.bootstrap = bootstrap
+        self.stopping = threading.Event()
+        self.sent = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        from confluent_kafka import Producer
+
+        topics = self.cfg.topics.event_topics()
+        producer = Producer({**self.cfg.kafka.confluent_config(), "bootstrap.servers": self.bootstrap,
+                             "linger.ms": 20, "enable.idempotence": False, "partitioner": "murmur2_random",
+                             "log.connection.close": False})
+        try:
+            for dataset, ts, batch in demo_batches(time.time() - DEMO_HISTORY_S):
+                while ts > time.time() and not self.stopping.is_set():
+                    producer.poll(0)
+                    self.stopping.wait(min(1.0, ts - time.time()))
+                if self.stopping.is_set():
+                    break
+                producer.produce(topics[dataset], orjson.dumps(batch), key=DEMO_HOST.encode())
+                producer.poll(0)
+                self.sent += len(batch)
+        except Exception as exc:  # noqa: BLE001 - shown in the live view; `up` goes on without the demo
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            producer.flush(5)
+
+
+def _alerts_consumer(cfg: Config, bootstrap: str) -> Any:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({**cfg.kafka.confluent_config(), "bootstrap.servers": bootstrap,
+                         "group.id": f"gpusentry-up-{os.getpid()}", "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest", "fetch.wait.max.ms": 100,
+                         "log.connection.close": False})
+    consumer.subscribe([cfg.topics.alerts])
+    return consumer
+
+
+def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Console) -> int:
+    logs = Path(tempfile.mkdtemp(prefix="gpusentry-up-"))
+    broker: EmbeddedBroker | None = None
+    children: list[Child] = []
+    demo_thread: Demo | None = None
+    incidents_path = Path(cfg.worker.incidents_file).resolve()
+    interrupted = False
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if cfg.kafka.bootstrap_servers:
+            bootstrap = cfg.kafka.bootstrap_servers
+            broker_note = f"Kafka at {bootstrap}"
+        else:
+            console.print("starting the embedded broker ...")
+            broker = EmbeddedBroker(log_path=logs / "broker.log").start()
+            bootstrap = broker.bootstrap_servers
+            broker_note = (f"embedded broker on {bootstrap} (in memory: topics, alerts and checkpoints are gone "
+                           f"when `up` stops; the incidents file is kept)")
+        create_topics(bootstrap, cfg.topics.all(), partitions=cfg.kafka.partitions,
+                      client_config={k: v for k, v in cfg.kafka.confluent_config().items()
+                                     if k != "bootstrap.servers"})
+        env = {**os.environ, "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap}
+        if broker is not None:
+            # The agent's spool outlives a run, the embedded broker does not: resending an old run's
+            # events to a fresh broker would only confuse, so the spool lives and dies with this run.
+            env["GPUSENTRY_AGENT__SPOOL_DIR"] = str(logs / "agent-spool")
+        base = [sys.executable, "-m", "gpusentry.cli"]
+        cfg_args = ["--config", str(config_path)] if config_path else []
+        children = [Child("worker", [*base, "worker", "--create-topics", *cfg_args], env, logs / "worker.log"),
+                    Child("agent", [*base, "agent", "--output", "kafka", *cfg_args], env, logs / "agent.log")]
+        # Hook: alert delivery (`gpusentry forward`) would be one more Child here, started when
+        # [outputs] names destinations; `up` only shows and files the incidents itself.
+        for child in children:
+            child.start()
+        if demo:
+            demo_thread = Demo(cfg, bootstrap)
+            demo_thread.start()
+        view = IncidentView()
+        consumer = _alerts_consumer(cfg, bootstrap)
+        live_terminal = console.is_terminal
+        with incidents_path.open("ab") as incidents_file, Live(console=console, auto_refresh=False,
+                                                               transient=False) if live_terminal else _NoLive() as live:
+            if not live_terminal:
+                console.print(f"{broker_note}\nincidents file: {incidents_path}\nlogs: {logs}", highlight=False)
+            try:
+                for tick in itertools.count():
+                    msg = consumer.poll(0.25)
+                    if msg is not None and not msg.error() and msg.value():
+                        incidents_file.write(msg.value().rstrip(b"\n") + b"\n")
+                        incidents_file.flush()
+                        alert = orjson.loads(msg.value())
+                        view.add(alert)
+                        if not live_terminal:
+                            a = alert["gpusentry"]["alert"]
+                            console.print(f"incident {a['status']} {a['severity']} on {alert['host']['name']}: "
+                                          f"{alert.get('message', '')}", highlight=False, markup=False)
+                    if live_terminal and (msg is not None or tick % 4 == 0):
+                        live.update(_screen(view, broker_note, children, demo_thread, incidents_path, logs),
+                                    refresh=True)
+                    if children[0].proc is not None and children[0].proc.poll() not in (None, 0):
+                        console.print(f"[red]the worker stopped ({children[0].status()})[/]")
+                        return 1
+            finally:
+                consumer.close()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        console.print("stopping: demo, agent, worker, broker ...")
+        if demo_thread is not None:
+            demo_thread.stopping.set()
+            demo_thread.join(10)
+        for child in reversed(children):
+            child.stop()
+        if broker is not None:
+            broker.stop()
+        signal.signal(signal.SIGTERM, previous)
+        console.print(f"stopped. Incidents are kept in {incidents_path}; logs in {logs}", highlight=False)
+    return 130 if interrupted else 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops `up` the way Ctrl-C does
+
+
+class _NoLive:
+    """Stands in for rich's Live when the output is not a terminal (updates are printed as lines)."""
+
+    def __enter__(self) -> _NoLive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _screen(view: IncidentView, broker_note: str, children: list[Child], demo: Demo | None, incidents: Path,
+            logs: Path) -> Group:
+    lines = [f"[bold]broker[/]  {broker_note}"]
+    for child in children:
+        lines.append(f"[bold]{child.name}[/]  {child.status()}")
+    if demo is not None:
+        state = demo.error or ("running" if demo.is_alive() else "done")
+        lines.append(f"[bold]demo[/]  simulated hijack ({DEMO_SCENARIO}) on {DEMO_HOST}: {demo.sent} events, {state}")
+    lines.append(f"[bold]incidents file[/]  {incidents}    [bold]logs[/]  {logs}    Ctrl-C stops everything")
+    return Group(Panel("\n".join(lines), title="gpusentry up"), view.table())

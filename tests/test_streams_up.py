@@ -1,0 +1,86 @@
+"""`gpusentry up --demo` as a user runs it: a detection within a minute, the incidents file, Ctrl-C stops all."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+
+from streams.up import DEMO_HOST, IncidentView, demo_batches
+
+pytestmark = [pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_batches_are_agent_style_messages():
+    start = 1_790_000_000.0
+    batches = list(itertools.islice(demo_batches(start), 400))
+    assert batches
+    for dataset, ts, batch in batches:
+        assert {e["event"]["dataset"] for e in batch} == {dataset}
+        assert {e["host"]["name"] for e in batch} == {DEMO_HOST}
+        assert len({e["@timestamp"] for e in batch}) == 1 and ts >= start
+    assert [ts for _, ts, _ in batches] == sorted(ts for _, ts, _ in batches)
+
+
+def test_incident_view_keeps_the_latest_update_per_incident():
+    view = IncidentView()
+    for status, n in (("open", 1), ("open", 3), ("resolved", 4)):
+        view.add({"@timestamp": f"2026-11-29T21:00:0{n}.000Z", "host": {"name": "h"}, "message": "m",
+                  "gpusentry": {"alert": {"dedup_key": "k", "status": status, "severity": "high",
+                                          "evidence_count": n, "signals": ["pool"], "cost": {}}}})
+    assert view.updates == 3 and list(view.incidents) == ["k"]
+    assert view.incidents["k"]["gpusentry"]["alert"]["status"] == "resolved"
+    assert view.table().row_count == 1
+
+
+def test_up_demo_detects_within_a_minute_and_ctrl_c_stops_everything(tmp_path):
+    incidents = tmp_path / "incidents.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")}
+    env.update({"GPUSENTRY_WORKER__INCIDENTS_FILE": str(incidents), "GPUSENTRY_KAFKA__PARTITIONS": "2",
+                "GPUSENTRY_AGENT__INTERVAL_S": "5"})
+    out = tmp_path / "up.out"
+    with out.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "up", "--demo"], cwd=tmp_path, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+    started = time.monotonic()
+    children: list[psutil.Process] = []
+    try:
+        found = None
+        while time.monotonic() - started < 90 and found is None:
+            time.sleep(0.5)
+            assert proc.poll() is None, out.read_text()
+            if incidents.exists():
+                for line in incidents.read_bytes().splitlines():
+                    alert = orjson.loads(line)
+                    if alert["host"]["name"] == DEMO_HOST:
+                        found = alert
+        assert found is not None, f"no demo detection within 90 s:\n{out.read_text()[-3000:]}"
+        assert found["gpusentry"]["alert"]["severity"] in ("medium", "high", "critical")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert "worker" in names and "broker" in names and "agent" in names
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for c in children:
+            if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
+                c.kill()
+    text = out.read_text()
+    assert rc == 130, text[-3000:]
+    gone = psutil.wait_procs(children, timeout=5)[1]
+    assert not gone, f"still running after Ctrl-C: {gone}"
+    assert "embedded broker" in text and "gone when `up` stops" in text.replace("\n", " ")
+    assert "stopped. Incidents are kept in" in text
+    assert incidents.stat().st_size > 0  # kept
