@@ -119,3 +119,35 @@ def test_deliver_alerts_for_replay(receivers):
     assert summary.outcomes == {"webhook:dead_lettered": 1, "webhook:delivered": 1}
     assert original(dead[0]) == alert(1)
     assert receivers.received[rx.WEBHOOK_PATH] == [alert(2)]
+
+
+def test_forward_command_stops_cleanly_on_sigterm(bootstrap, topic_factory, receivers, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    alerts_topic = topic_factory("alerts")
+    env = {**os.environ, "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "GPUSENTRY_TOPICS__ALERTS": alerts_topic,
+           "GPUSENTRY_TOPICS__DEADLETTER": topic_factory("dl"), "GPUSENTRY_OUTPUTS__GROUP_ID": f"cmd-{time.time_ns()}",
+           "GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true", "GPUSENTRY_OUTPUTS__WEBHOOK__URL": receivers.base + rx.WEBHOOK_PATH,
+           "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": rx.WEBHOOK_SECRET}
+    cfg_file = tmp_path / "gpusentry.toml"
+    cfg_file.write_text("")
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(alerts_topic, c.encode(alert(7)), key="k")
+    producer.flush(10)
+    proc = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "forward", "--config", str(cfg_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 40
+        while not receivers.received[rx.WEBHOOK_PATH] and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert receivers.received[rx.WEBHOOK_PATH] == [alert(7)]
+    assert proc.returncode == 0, stderr
+    assert "webhook:delivered 1" in stderr and rx.WEBHOOK_SECRET not in stderr
