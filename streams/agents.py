@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from streams.app import WorkerApp
@@ -24,12 +24,12 @@ def register(wa: WorkerApp, event_topic: Any) -> None:
             await pipeline.handle(message.topic, message.partition, message.offset, message.key, message.value,
                                   event.ack)
 
-    @app.on_partitions_revoked.connect
-    async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+    async def on_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+        revoked = args[0] if args else kwargs["revoked"]
         await pipeline.release({tp.partition for tp in revoked if tp.topic in event_topics})
 
-    @app.on_partitions_assigned.connect
-    async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    async def on_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+        assigned = args[0] if args else kwargs["assigned"]
         numbers = {tp.partition for tp in assigned if tp.topic in event_topics}
         split = sorted(n for n in numbers if {tp.topic for tp in assigned if tp.partition == n} != event_topics)
         if split:
@@ -39,3 +39,7 @@ def register(wa: WorkerApp, event_topic: Any) -> None:
                       "event topics have the same number of partitions", split)
         await pipeline.release(set(pipeline.partitions) - numbers)
         await pipeline.assign(numbers)
+
+    # mode's signal stubs want a keyword-only `signal` parameter; faust passes it, these ignore it.
+    app.on_partitions_revoked.connect(cast(Any, on_revoked))
+    app.on_partitions_assigned.connect(cast(Any, on_assigned))
