@@ -57,11 +57,11 @@ def make_pki(d: Path, name: str = "ca") -> tuple[Path, Path, Path]:
 
 
 class Rsyslog:
-    def __init__(self, d: Path) -> None:
+    def __init__(self, d: Path, pki: tuple[Path, Path, Path]) -> None:
         self.dir = d
         self.tcp_port, self.tls_port, self.udp_port = free_port(), free_port(), free_port()
         self.out = d / "received.log"
-        self.ca, cert, key = make_pki(d)
+        self.ca, cert, key = pki
         work = d / "work"
         work.mkdir()
         tls_input = (f'input(type="imtcp" port="{self.tls_port}" address="127.0.0.1" ruleset="remote" '
@@ -116,9 +116,14 @@ input(type="imudp" port="{self.udp_port}" address="127.0.0.1" ruleset="remote")
             time.sleep(0.05)
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
-def rsyslog(tmp_path):
-    server = Rsyslog(tmp_path).start()
+def rsyslog(tmp_path, pki):
+    server = Rsyslog(tmp_path, pki).start()
     yield server
     server.stop()
 
