@@ -14,6 +14,7 @@ that says what is wrong and what was expected.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -150,8 +151,11 @@ def expand_dotted(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _has_dotted_key(obj: Mapping[str, Any]) -> bool:
-    for key, value in obj.items():
-        if "." in key or (type(value) is dict and _has_dotted_key(value)):
+    # One C-level scan of the joined keys, then recursion into nested objects only.
+    if "." in "".join(obj):
+        return True
+    for value in obj.values():
+        if type(value) is dict and _has_dotted_key(value):
             return True
     return False
 
@@ -309,11 +313,34 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def validate_event(obj: Any) -> dict[str, Any] | Reject:
-    """Return the event (nested, dotted keys expanded) or a :class:`Reject` saying why not."""
+# In JSON text without escapes, a key with a dot is a string holding "." closed by a quote and then a
+# colon.  No match (and no backslash, so no \u002e and no escaped quote) proves no key anywhere has a dot,
+# without walking the decoded objects.
+_DOTTED_KEY_TEXT = re.compile(rb'\.[^"]*"\s*:')
+
+
+def may_have_dotted_keys(raw: bytes | bytearray | memoryview | str) -> bool:
+    """False when the JSON text ``raw`` certainly has no dotted key (see :func:`validate_event`)."""
+    data = raw.encode() if isinstance(raw, str) else bytes(raw) if isinstance(raw, memoryview) else raw
+    return b"\\" in data or _DOTTED_KEY_TEXT.search(data) is not None
+
+
+def validate_event(obj: Any, *, dotted_keys: bool | None = None) -> dict[str, Any] | Reject:
+    """Return the event (nested, dotted keys expanded) or a :class:`Reject` saying why not.
+
+    ``dotted_keys=False`` tells it the JSON text the event came from has no dotted key
+    (:func:`may_have_dotted_keys`), which saves walking the objects to find out.
+    """
     if not isinstance(obj, dict):
         return Reject(RejectCode.NOT_OBJECT, f"an event must be a JSON object, got {type(obj).__name__}")
-    event = expand_dotted(obj) if _has_dotted_key(obj) else obj
+    dotted = _has_dotted_key(obj) if dotted_keys is None or dotted_keys else False
+    if not dotted and _fast_valid(obj):
+        return obj
+    return _validate_slow(expand_dotted(obj) if dotted else obj)
+
+
+def _validate_slow(event: dict[str, Any]) -> dict[str, Any] | Reject:
+    """The reference validation: field by field, with the reason of the first problem."""
     for spec in COMMON_FIELDS:
         problem = _check_field(event, spec)
         if problem:
@@ -386,6 +413,71 @@ _DATASET_CHECKS = {
 }
 
 
+# ---------------------------------------------------------------------------- fast path
+#
+# Nearly every event is canonical: nested, well typed, valid.  The fast path below checks exactly
+# what the reference validation checks, with fields grouped by parent object so each parent is
+# looked up once and exact type tests instead of isinstance.  It only ever answers "valid as is";
+# on anything unusual (a wrong type, a subclass, a missing parent, a bad value) it answers "not
+# sure" and the reference path decides and explains, so behaviour is the reference's by design
+# (tests/test_contract_fastpath.py checks the two agree).
+
+_Leaf = tuple[str, tuple[type, ...], bool, bool, "frozenset[str] | None"]
+_Group = tuple[tuple[str, ...], tuple[_Leaf, ...]]
+
+
+def _groups(specs: Iterable[FieldSpec]) -> tuple[_Group, ...]:
+    grouped: dict[tuple[str, ...], list[_Leaf]] = {}
+    for spec in specs:
+        grouped.setdefault(spec.parts[:-1], []).append(
+            (spec.parts[-1], spec.types, spec.required, spec.nullable, spec.choices))
+    return tuple((parent, tuple(leaves)) for parent, leaves in grouped.items())
+
+
+_COMMON_GROUPS = _groups(COMMON_FIELDS)
+_DATASET_GROUPS = {d.value: (d, DATASET_ECS[d][0], _groups(DATASET_FIELDS[d])) for d in Dataset}
+
+
+def _fast_fields(event: dict[str, Any], groups: tuple[_Group, ...]) -> bool:
+    for parent, leaves in groups:
+        node: Any = event
+        for part in parent:
+            node = node.get(part) if type(node) is dict else None
+        if type(node) is not dict:
+            if any(leaf[2] for leaf in leaves):
+                return False
+            continue
+        for name, types, required, nullable, choices in leaves:
+            value = node.get(name, _MISSING)
+            if value is _MISSING:
+                if required:
+                    return False
+            elif value is None:
+                if not nullable:
+                    return False
+            elif type(value) not in types or (choices is not None and value not in choices):
+                return False
+    return True
+
+
+def _fast_valid(event: dict[str, Any]) -> bool:
+    """True only when the reference validation would accept ``event`` unchanged."""
+    if not _fast_fields(event, _COMMON_GROUPS):
+        return False
+    meta = event["event"]
+    if not meta["id"] or not event["host"]["name"]:
+        return False
+    dataset, kind, groups = _DATASET_GROUPS[meta["dataset"]]
+    if meta["kind"] != kind or not _fast_fields(event, groups):
+        return False
+    try:
+        parse_timestamp(event["@timestamp"])
+    except ValueError:
+        return False
+    extra = _DATASET_CHECKS.get(dataset)
+    return extra is None or extra(event) is None
+
+
 def validate_or_raise(obj: Any) -> dict[str, Any]:
     result = validate_event(obj)
     if isinstance(result, Reject):
@@ -426,8 +518,9 @@ def decode_message(value: bytes | bytearray | memoryview | str | None, *, key: s
                                   f"message must be an event object or an array of events, got {type(doc).__name__}"))
         return out
     expected_host = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    dotted = None if may_have_dotted_keys(value) else False
     for i, item in enumerate(items):
-        result = validate_event(item)
+        result = validate_event(item, dotted_keys=dotted)
         index = i if batched else None
         if isinstance(result, Reject):
             out.rejects.append(Reject(result.code, result.reason, index))

@@ -24,7 +24,7 @@ import orjson
 from rich.console import Console
 
 from gpusentry.config import Config
-from gpusentry.contract import Reject, RejectCode, validate_event
+from gpusentry.contract import Reject, RejectCode, may_have_dotted_keys, validate_event
 from gpusentry.pcap import CaptureError, CaptureStats, is_capture, read_capture
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def open_text(path: Path) -> IO[bytes]:
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
     """Yield (line number, event or reject) for each non-blank line."""
-    loads, validate, not_json = orjson.loads, validate_event, RejectCode.NOT_JSON
+    loads, validate, not_json, dotted = orjson.loads, validate_event, RejectCode.NOT_JSON, may_have_dotted_keys
     with open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             try:
@@ -82,7 +82,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
                     continue
                 yield lineno, Reject(not_json, f"not valid JSON: {exc}")
                 continue
-            yield lineno, validate(obj)
+            yield lineno, validate(obj, dotted_keys=None if dotted(line) else False)
         # A gzip file cut short raises EOFError from the loop above; let the caller report it.
 
 

@@ -1,0 +1,147 @@
+"""Replay throughput: events/s of `gpusentry replay` on a mixed fleet stream, against a bare orjson loop.
+
+The stream (generated here, seeded, so every run reads the same bytes) is what a fleet sends: mostly
+GPU samples (8 GPUs per host, 5 s apart, each with its process list), plus process starts, outbound
+flows with payloads and DNS answers; a few hosts are hijacked (a renamed miner with a pool URL, Stratum
+flows, pool DNS), so correlation and alerting run too.  Figures, all on one core in this process:
+
+* baseline: ``orjson.loads`` of every line (the least any replay must do);
+* validate: baseline plus contract validation;
+* replay: ``run_replay`` end to end (read, decode, validate, every detector, correlation, alerts out).
+
+Printed as events/s and as ratios to the baseline.  Target: replay >= 50,000 events/s.
+
+    python bench/replay_throughput.py [--hosts 64] [--minutes 10] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+
+from gpusentry import contract as c  # noqa: E402
+from gpusentry.config import Config  # noqa: E402
+from gpusentry.replay import run_replay  # noqa: E402
+
+T0 = 1_790_000_000.0
+TARGET_EVENTS_PER_S = 50_000
+GPU_MODELS = [("NVIDIA H100 80GB HBM3", 80, 700), ("NVIDIA A100-SXM4-80GB", 80, 400), ("NVIDIA L40S", 48, 350)]
+SUBSCRIBE = b'{"id":1,"method":"mining.subscribe","params":["xmrig/6.21.0"]}\n'
+
+
+def fleet_stream(hosts: int, minutes: float, seed: int = 7) -> list[bytes]:
+    rng = random.Random(seed)
+    lines: list[tuple[float, bytes]] = []
+    hijacked = {f"node-{i:03d}" for i in range(0, hosts, 16)}
+    for h in range(hosts):
+        host = f"node-{h:03d}"
+        model, mem_gb, watts = GPU_MODELS[h % len(GPU_MODELS)]
+        offset = rng.random() * 5
+        t = 0.0
+        pid = 1000 + h
+        lines.append((offset, orjson.dumps(c.process_event(
+            host, T0 + offset, action="start", pid=pid, name="python3", executable="/usr/bin/python3",
+            command_line="python3 train.py --epochs 90", args=["python3", "train.py", "--epochs", "90"],
+            parent_pid=1, parent_name="torchrun", user_name="ml"))))
+        if host in hijacked:
+            lines.append((offset + 60, orjson.dumps(c.process_event(
+                host, T0 + offset + 60, action="start", pid=31337, name="kworker", executable="/dev/shm/.k/kworker",
+                command_line="kworker -o stratum+tcp://10.9.9.9:3333 -a kawpow", parent_pid=1, parent_name="sh"))))
+        while t < minutes * 60:
+            ts = offset + t
+            for g in range(8):
+                util = 92 + rng.random() * 8
+                lines.append((ts, orjson.dumps(c.gpu_event(
+                    host, T0 + ts, index=g, uuid=f"GPU-{h:03d}-{g}", name=model, gpu_pct=round(util, 1),
+                    memory_pct=round(util * 0.6, 1), memory_used_bytes=int(mem_gb * 0.9 * 2**30),
+                    memory_total_bytes=mem_gb * 2**30, power_draw_watts=round(watts * 0.8, 1),
+                    power_limit_watts=watts, temperature_c=65, sm_clock_mhz=1980, mem_clock_mhz=2619,
+                    pcie_rx_bytes_per_s=2.1e9, pcie_tx_bytes_per_s=1.9e9,
+                    processes=[{"pid": pid, "used_memory_bytes": int(mem_gb * 0.88 * 2**30), "sm_pct": 90,
+                                "name": "python3", "executable": "/usr/bin/python3",
+                                "command_line": "python3 train.py --epochs 90"}]))))
+            if rng.random() < 0.1:
+                miner = host in hijacked and t > 60
+                payload = SUBSCRIBE if miner else b"GET /v1/models HTTP/1.1\r\nHost: api\r\n\r\n"
+                lines.append((ts + 0.5, orjson.dumps(c.network_event(
+                    host, T0 + ts + 0.5, source_ip="10.0.0.5", source_port=40000 + int(t) % 20000,
+                    destination_ip="10.9.9.9" if miner else "10.0.1.20", destination_port=3333 if miner else 8080,
+                    pid=31337 if miner else pid, process_name="kworker" if miner else "python3",
+                    payload_b64=base64.b64encode(payload).decode()))))
+            if rng.random() < 0.05:
+                name = "xmr.nanopool.org" if host in hijacked and t > 60 else "huggingface.co"
+                lines.append((ts + 0.2, orjson.dumps(c.dns_event(host, T0 + ts + 0.2, question=name,
+                                                                 resolved_ips=["10.9.9.9"]))))
+            t += 5.0
+    lines.sort(key=lambda x: x[0])
+    return [line for _, line in lines]
+
+
+def timed(fn) -> float:  # noqa: ANN001
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=64)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=3, help="best of N runs of each measurement")
+    args = parser.parse_args()
+    lines = fleet_stream(args.hosts, args.minutes)
+    n = len(lines)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fleet.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        size_mb = path.stat().st_size / 2**20
+
+        def baseline() -> None:
+            with path.open("rb") as fh:
+                for line in fh:
+                    orjson.loads(line)
+
+        def validate() -> None:
+            with path.open("rb") as fh:
+                for line in fh:  # as replay does it
+                    c.validate_event(orjson.loads(line),
+                                     dotted_keys=None if c.may_have_dotted_keys(line) else False)
+
+        alerts: list[int] = []
+
+        def replay() -> None:
+            summary = run_replay([path], Config(), out=Path(os.devnull))
+            assert summary.events_read == n and summary.rejected == 0, summary.describe()
+            alerts.append(summary.alerts)
+
+        results = {name: min(timed(fn) for _ in range(args.repeat))
+                   for name, fn in (("baseline", baseline), ("validate", validate), ("replay", replay))}
+    gpu_share = sum(1 for line in lines if b'"gpusentry.gpu"' in line) / n
+    print(f"replay throughput: {n:,} events ({gpu_share:.0%} GPU samples), {args.hosts} hosts x 8 GPUs, "
+          f"{args.minutes:g} min, {size_mb:.1f} MiB; best of {args.repeat}, CPU time of one core")
+    base = results["baseline"]
+    for name, secs in results.items():
+        print(f"  {name:9s} {n / secs:>12,.0f} events/s   {secs / n * 1e6:7.2f} us/event   "
+              f"{secs / base:6.2f}x baseline time")
+    rate = n / results["replay"]
+    print(f"  alerts raised per replay: {alerts[-1]}")
+    verdict = "meets" if rate >= TARGET_EVENTS_PER_S else "MISSES"
+    print(f"replay {verdict} the {TARGET_EVENTS_PER_S:,} events/s target ({rate:,.0f} events/s, "
+          f"{results['replay'] / base:.1f}x a bare orjson decode loop)")
+    if rate < TARGET_EVENTS_PER_S:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
