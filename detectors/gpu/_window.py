@@ -112,6 +112,10 @@ def read_sample(event: dict[str, Any]) -> Sample:
     return sample
 
 
+# Order of the per-window sums in _Acc.sums / _Acc.counts.
+_MEM_PCT, _POWER, _LIMIT, _SM, _MEMCLK, _PCIE, _USED, _TOTAL = range(8)
+
+
 @dataclass(slots=True)
 class _Acc:
     """Running sums of one open window (a few floats: it is pickled into checkpoints)."""
@@ -124,8 +128,8 @@ class _Acc:
     util_min: float = math.inf
     util_max: float = -math.inf
     busy: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    sums: list[float] = field(default_factory=lambda: [0.0] * 8)
+    counts: list[int] = field(default_factory=lambda: [0] * 8)
     last_event_id: str = ""
 
 
@@ -193,11 +197,39 @@ class GpuWindows:
         if s.name:
             ref[3] = s.name
         sums, counts = acc.sums, acc.counts
-        for key, value in (("mem_pct", s.mem_pct), ("power", s.power), ("limit", s.limit), ("sm", s.sm),
-                           ("memclk", s.memclk), ("pcie", s.pcie), ("used", s.used), ("total", s.total)):
-            if value is not None:
-                sums[key] = sums.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
+        # Unrolled: this runs for every sample of every GPU in every windowed detector.
+        v = s.mem_pct
+        if v is not None:
+            sums[_MEM_PCT] += v
+            counts[_MEM_PCT] += 1
+        v = s.power
+        if v is not None:
+            sums[_POWER] += v
+            counts[_POWER] += 1
+        v = s.limit
+        if v is not None:
+            sums[_LIMIT] += v
+            counts[_LIMIT] += 1
+        v = s.sm
+        if v is not None:
+            sums[_SM] += v
+            counts[_SM] += 1
+        v = s.memclk
+        if v is not None:
+            sums[_MEMCLK] += v
+            counts[_MEMCLK] += 1
+        v = s.pcie
+        if v is not None:
+            sums[_PCIE] += v
+            counts[_PCIE] += 1
+        v = s.used
+        if v is not None:
+            sums[_USED] += v
+            counts[_USED] += 1
+        v = s.total
+        if v is not None:
+            sums[_TOTAL] += v
+            counts[_TOTAL] += 1
         if s.sm is not None and s.sm > ref[0]:
             ref[0] = s.sm
         if s.memclk is not None and s.memclk > ref[1]:
@@ -206,9 +238,9 @@ class GpuWindows:
             ref[2] = s.limit
 
     def _close(self, uuid: str, index: int, acc: _Acc) -> Window:
-        def mean(key: str) -> float | None:
-            n = acc.counts.get(key)
-            return acc.sums[key] / n if n else None
+        def mean(i: int) -> float | None:
+            n = acc.counts[i]
+            return acc.sums[i] / n if n else None
 
         ref = self._ref.get(uuid) or [0.0, 0.0, 0.0, None]
         spec = spec_for(ref[3])
@@ -220,11 +252,11 @@ class GpuWindows:
             util_mean = acc.util_sum / acc.n_util
             util_std = math.sqrt(max(0.0, acc.util_sq / acc.n_util - util_mean * util_mean))
             util_min, util_max = acc.util_min, acc.util_max
-        power, limit, sm, memclk = mean("power"), mean("limit"), mean("sm"), mean("memclk")
-        used, total, pcie = mean("used"), mean("total"), mean("pcie")
+        power, limit, sm, memclk = mean(_POWER), mean(_LIMIT), mean(_SM), mean(_MEMCLK)
+        used, total, pcie = mean(_USED), mean(_TOTAL), mean(_PCIE)
         features: dict[str, float | None] = {
             "util_mean": util_mean, "util_std": util_std, "util_min": util_min, "util_max": util_max,
-            "mem_pct": mean("mem_pct"),
+            "mem_pct": mean(_MEM_PCT),
             "used_frac": used / total if used is not None and total else None,
             "used_gib": used / 2**30 if used is not None else None,
             "power_frac": power / limit if power is not None and limit else None,

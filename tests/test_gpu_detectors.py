@@ -1,0 +1,140 @@
+"""GPU detectors beyond their examples: severities, allowlists, learned jobs, windows, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+from detectors.engine import Engine, discover
+from detectors.examples import proc
+from detectors.gpu._examples import TRAINER, gproc, gpu, idle, mining, training
+from detectors.gpu._window import GpuWindows, read_sample
+from detectors.gpu.drift import GpuDrift
+from detectors.gpu.duty_cycle import DutyCycledGpu
+from detectors.gpu.mining_signature import GpuMiningSignature
+from detectors.gpu.unowned_process import UnownedGpuProcess
+from gpusentry import contract as c
+from gpusentry.settings.detection import DetectionSettings
+
+
+def run(det, events):
+    state = det.new_state()
+    out = []
+    for ev in events:
+        out.extend(det.process(c.validate_or_raise(copy.deepcopy(ev)), state))
+    return out
+
+
+def settings(**gpu):
+    s = DetectionSettings()
+    for key, value in gpu.items():
+        setattr(s.gpu, key, value)
+    return s
+
+
+def test_second_process_on_a_training_gpu_is_high_and_a_lone_unowned_one_medium():
+    shared = training(0, 3) + mining(30, 2, exe="/home/ml/.cache/pt_worker",
+                                     extra=[gproc(2000, TRAINER, gib=70, sm=None)])
+    findings = run(UnownedGpuProcess(), shared)
+    assert [f.severity for f in findings] == ["high"]
+    assert "shares GPU 0 with the job" in findings[0].message
+    assert findings[0].fields["process.executable"] == "/home/ml/.cache/pt_worker"
+    lone = run(UnownedGpuProcess(), idle(0, 2) + mining(20, 2))
+    assert [f.severity for f in lone] == ["medium"]
+
+
+def test_unidentified_gpu_process_is_low():
+    events = [gpu(0, util=100, used_gib=5, procs=[{"pid": 99, "used_memory_bytes": 5 << 30}])]
+    assert [f.severity for f in run(UnownedGpuProcess(), events)] == ["low"]
+
+
+def test_unowned_finding_repeats_while_the_process_stays():
+    findings = run(UnownedGpuProcess(), mining(0, 40))  # 400 s
+    assert len(findings) == 4  # at 0, 120, 240 and 360 s: keeps the incident open, without flooding it
+
+
+def test_allowlisted_user_and_container_own_their_gpu_work():
+    miner_like = [proc("/srv/bench/hashbench --gpu 0", pid=31337, user="perf", container_id="abc123def456")]
+    events = miner_like + mining(1, 2, exe="/srv/bench/hashbench")
+    assert run(UnownedGpuProcess(), events)
+    assert not run(UnownedGpuProcess(settings(allowed_users=["perf"])), events)
+    assert not run(UnownedGpuProcess(settings(allowed_container_ids=["abc123"])), events)
+    assert not run(UnownedGpuProcess(settings(allowed_executables=["/srv/bench/*"])), events)
+
+
+def test_learning_period_learns_what_already_runs():
+    custom = mining(0, 3, exe="/opt/lab/bin/simulate_md")
+    assert run(UnownedGpuProcess(), custom)
+    assert not run(UnownedGpuProcess(settings(learn_jobs_for_s=3600)), custom)
+
+
+def test_children_of_the_learned_job_belong_to_it_but_strangers_do_not():
+    child = [proc("/home/ml/bin/custom_kernel_runner", t=15, pid=2050, parent="python3", parent_pid=2000)]
+    stranger = [proc("/home/ml/bin/custom_kernel_runner", t=15, pid=2050, parent="bash", parent_pid=1)]
+    later = [gpu(30 + i * 10, util=97, used_gib=75, procs=[gproc(2000, TRAINER, gib=70),
+                                                           gproc(2050, "/home/ml/bin/custom_kernel_runner", gib=4)])
+             for i in range(2)]
+    assert not run(UnownedGpuProcess(), training(0, 2) + child + later)
+    assert [f.severity for f in run(UnownedGpuProcess(), training(0, 2) + stranger + later)] == ["high"]
+
+
+def test_mining_signature_severity_rises_with_the_score():
+    findings = run(GpuMiningSignature(), mining(0, 20))
+    assert findings and findings[-1].severity == "high"
+    assert all(f.fields["gpu.uuid"] for f in findings)
+
+
+def test_duty_cycle_needs_a_visible_unowned_process():
+    def cycles(procs):
+        out = []
+        for k in range(4):
+            base = k * 120
+            out += [gpu(base + i * 20, util=100, used_gib=5, procs=procs or []) for i in range(3)]
+            out += [gpu(base + 60 + i * 20, util=0, used_gib=5, procs=procs or []) for i in range(3)]
+        if procs is None:
+            for ev in out:
+                ev["gpu"]["processes"] = None  # the driver did not report processes
+        return out
+
+    assert run(DutyCycledGpu(), cycles([]))  # busy with no visible process at all
+    assert not run(DutyCycledGpu(), cycles(None))  # processes not reported: nothing to judge
+    assert not run(DutyCycledGpu(), cycles([gproc(5, "/usr/bin/ffmpeg")]))
+
+
+def test_power_limit_change_names_both_limits():
+    findings = run(GpuDrift(), [gpu(0, util=0, limit=400), gpu(5, util=0, limit=250)])
+    assert findings and "from 400 W to 250 W" in findings[0].message
+
+
+def test_windows_are_aligned_to_event_time_and_drop_late_samples():
+    w = GpuWindows(30, 20)
+    edge = 10  # T0 + 10 s is a multiple of 30 s since the epoch: a window starts there
+    assert w.add(read_sample(c.validate_or_raise(gpu(edge + 1, util=100)))) is None
+    assert w.add(read_sample(c.validate_or_raise(gpu(edge + 29, util=90)))) is None
+    closed = w.add(read_sample(c.validate_or_raise(gpu(edge + 31, util=0))))
+    assert closed is not None and closed.samples == 2
+    assert closed.features["util_mean"] == 95.0 and closed.start % 30 == 0 and closed.end - closed.start == 30
+    assert w.add(read_sample(c.validate_or_raise(gpu(edge + 5, util=50)))) is None  # late: window closed
+
+
+def test_engine_checkpoint_mid_hijack_resumes_identically():
+    gpu_detectors = [cls for cls in discover() if cls.id.startswith("gpu.")]
+    events = [c.validate_or_raise(copy.deepcopy(e)) for e in training(0, 60, interval=10) + mining(600, 30)]
+
+    def engine():
+        s = DetectionSettings()
+        return Engine(s, [cls(s) for cls in gpu_detectors], strict=True)
+
+    straight = engine()
+    expected = [a for e in events for a in straight.process(e)]
+    first = engine()
+    head = [a for e in events[:70] for a in first.process(e)]
+    blob = first.snapshot_host("gpu-node-7")
+    assert len(blob) < 256 * 1024, f"one host's GPU state pickles to {len(blob)} bytes"
+    resumed = engine()
+    resumed.restore_host("gpu-node-7", blob)
+    tail = [a for e in events[70:] for a in resumed.process(e)]
+    key = [(a["@timestamp"], a["gpusentry"]["alert"]["severity"]) for a in expected]
+    assert [(a["@timestamp"], a["gpusentry"]["alert"]["severity"]) for a in head + tail] == key
+    assert any(a["gpusentry"]["alert"]["severity"] in ("high", "critical") for a in expected)
+    pickle.loads(blob)
