@@ -97,11 +97,12 @@ def _is_capture(path: Path) -> bool:
 
 
 def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progress_console: Console | None = None,
-               host: str | None = None) -> ReplaySummary:
+               host: str | None = None, engine: Any = None) -> ReplaySummary:
+    """Replay ``files``; ``engine`` (default: every detector, configured by ``cfg``) does the detection."""
     from detectors.base import SEVERITIES
 
     summary = ReplaySummary(files=len(files))
-    engine = _load_engine(cfg)
+    engine = engine if engine is not None else _load_engine(cfg)
     summary.engine = type(engine).__name__ if engine is not None else "(no engine in this build: validation only)"
     sink: IO[bytes] = out.open("wb") if out else sys.stdout.buffer
     started = last_progress = time.monotonic()
