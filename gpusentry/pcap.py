@@ -17,7 +17,7 @@ import hashlib
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -175,8 +175,12 @@ def _packets(reader: Any, stats: CaptureStats) -> Iterator[tuple[float, bytes]]:
         yield float(ts), buf
 
 
-def read_capture(path: Path, host: str, stats: CaptureStats | None = None) -> list[dict[str, Any]]:
-    """The capture's flows and DNS answers as contract events of ``host``, in time order."""
+def read_capture(path: Path, host: str, stats: CaptureStats | None = None,
+                 progress: Callable[[CaptureStats], None] | None = None) -> list[dict[str, Any]]:
+    """The capture's flows and DNS answers as contract events of ``host``, in time order.
+
+    ``progress`` is called with the running statistics every 65,536 packets (big captures).
+    """
     stats = stats if stats is not None else CaptureStats()
     with path.open("rb") as fh:
         reader = _reader(fh, path)
@@ -184,17 +188,19 @@ def read_capture(path: Path, host: str, stats: CaptureStats | None = None) -> li
             linktype = reader.datalink()
         except _DECODE_ERRORS as exc:
             raise CaptureError(f"{path}: unreadable capture header ({exc})") from None
-        return _events(_packets(reader, stats), linktype, host, path.name, stats)
+        return _events(_packets(reader, stats), linktype, host, path.name, stats, progress)
 
 
 def _events(packets: Iterator[tuple[float, bytes]], linktype: int, host: str, source: str,
-            stats: CaptureStats) -> list[dict[str, Any]]:
+            stats: CaptureStats, progress: Callable[[CaptureStats], None] | None = None) -> list[dict[str, Any]]:
     flows: dict[tuple[Any, ...], _Flow] = {}
     done: list[_Flow] = []
     names: dict[str, str] = {}
     events: list[dict[str, Any]] = []
     for n, (ts, buf) in enumerate(packets):
         stats.packets += 1
+        if progress is not None and not stats.packets & 0xFFFF:
+            progress(stats)
         try:
             ip = _network_layer(linktype, buf)
             if not isinstance(ip, dpkt.ip.IP | dpkt.ip6.IP6):

@@ -86,8 +86,18 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
         # A gzip file cut short raises EOFError from the loop above; let the caller report it.
 
 
-def iter_capture(path: Path, host: str, stats: CaptureStats) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
-    for i, event in enumerate(read_capture(path, host, stats), 1):
+def iter_capture(path: Path, host: str, stats: CaptureStats,
+                 console: Console | None = None) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
+    """Events of a capture, numbered in time order (a reject's "line" is the event's position)."""
+    last = [time.monotonic()]
+
+    def progress(s: CaptureStats) -> None:
+        if console is not None and time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+            last[0] = time.monotonic()
+            console.print(f"replay: {path.name}: {s.packets:,} packets read, {s.dns_answers:,} DNS answers so far",
+                          highlight=False, markup=False)
+
+    for i, event in enumerate(read_capture(path, host, stats, progress), 1):
         yield i, validate_event(event)
 
 
@@ -119,7 +129,8 @@ def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progr
         for path in files:
             stats = CaptureStats()
             try:
-                items = (iter_capture(path, host or path.stem, stats) if _is_capture(path) else iter_jsonl(path))
+                items = (iter_capture(path, host or path.stem, stats, progress_console) if _is_capture(path)
+                         else iter_jsonl(path))
                 for lineno, item in items:
                     if isinstance(item, Reject):
                         summary.rejected += 1
