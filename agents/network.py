@@ -19,7 +19,7 @@ from typing import Any
 
 from agents.capture import PacketCapture
 from agents.metrics import AgentMetrics
-from agents.procfs import TCP_LISTEN, ProcFS, SocketEntry, read_sockets
+from agents.procfs import TCP_LISTEN, ProcFS, SockDiag, SocketEntry, decode_diag, key_inode, read_sockets
 from gpusentry.contract import dns_event, network_event
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,18 @@ class NetworkCollector:
         self.payload_wait_s = payload_wait_s
         self.net_root = net_root
         self.capture: PacketCapture | None = None
-        self._seen: set[tuple[Any, ...]] = set()
+        self._seen: set[Any] = set()
         self._owners: dict[int, int] = {}  # socket inode -> pid
         self._waiting: dict[tuple[Any, ...], tuple[SocketEntry, float]] = {}
         self._own_pid = os.getpid()
+        self._retry: set[int] = set()
+        self.diag: SockDiag | None = None
 
     def start(self) -> bool:
+        self.diag = SockDiag() if self.net_root is None else None
+        if self.diag is None or not self.diag.available:
+            self.diag = None
+            log.info("network collector: reading /proc/net (sock_diag netlink unavailable)")
         if self.capture_mode != "off":
             try:
                 self.capture = PacketCapture(self.payload_bytes)
@@ -63,52 +69,97 @@ class NetworkCollector:
         if self.capture is not None:
             self.capture.close()
             self.capture = None
+        if self.diag is not None:
+            self.diag.close()
+            self.diag = None
+
+    def _table(self) -> dict[Any, Any]:
+        """Key -> raw row of every TCP socket that is established, connecting or listening, and every
+        connected UDP socket."""
+        if self.diag is not None:
+            return self.diag.table()
+        return {(e.transport, e.local_ip, e.local_port, e.remote_ip, e.remote_port, e.inode): e
+                for e in read_sockets(self.procfs.root, self.net_root)
+                if (e.transport == "tcp" and e.state in (TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN))
+                or (e.transport == "udp" and e.state == TCP_ESTABLISHED)}
 
     @staticmethod
-    def _outbound(entries: list[SocketEntry]) -> list[SocketEntry]:
-        listening = {e.local_port for e in entries if e.transport == "tcp" and e.state == TCP_LISTEN}
-        out = []
-        for e in entries:
-            if e.remote_port == 0 or e.remote_ip in _UNSPECIFIED:
-                continue
-            if e.transport == "tcp":
-                if e.state in (TCP_ESTABLISHED, TCP_SYN_SENT) and e.local_port not in listening:
-                    out.append(e)
-            else:
-                out.append(e)  # a connected UDP socket
-        return out
+    def _decode(key: Any, row: Any) -> SocketEntry:
+        if isinstance(row, SocketEntry):
+            return row
+        return decode_diag("tcp" if key[:1] == b"t" else "udp", row)
+
+    @staticmethod
+    def _inode(key: Any) -> int:
+        return int(key[-1]) if isinstance(key, tuple) else key_inode(key)
+
+    @staticmethod
+    def _listening(table: dict[Any, Any]) -> set[int]:
+        ports = set()
+        for key, row in table.items():
+            state = row.state if isinstance(row, SocketEntry) else row[1]
+            if state == TCP_LISTEN:
+                ports.add(NetworkCollector._decode(key, row).local_port)
+        return ports
+
+    def _live_inodes(self) -> set[int]:
+        return {self._inode(k) for k in self._table()}
+
+    def _is_outbound(self, e: SocketEntry, listening: set[int]) -> bool:
+        if e.remote_port == 0 or e.remote_ip in _UNSPECIFIED:
+            return False
+        if e.transport == "tcp":
+            return e.state in (TCP_ESTABLISHED, TCP_SYN_SENT) and e.local_port not in listening
+        return e.state == TCP_ESTABLISHED  # a connected UDP socket
 
     def collect(self, now: float) -> list[dict[str, Any]]:
-        entries = list(read_sockets(self.procfs.root, self.net_root))
-        flows = self._outbound(entries)
-        current = {(e.transport, e.local_ip, e.local_port, e.remote_ip, e.remote_port, e.inode): e for e in flows}
-        new = [current[k] for k in current.keys() - self._seen]
-        self._seen = set(current)
+        # A steady cycle is one dump and one set difference; only sockets not seen before are decoded.
+        table = self._table()
+        keys = table.keys()
+        fresh = keys - self._seen
+        self._seen = set(keys)
+        new: list[SocketEntry] = []
+        if fresh:
+            listening = self._listening(table)
+            new = [e for e in (self._decode(k, table[k]) for k in fresh) if self._is_outbound(e, listening)]
+        live: set[int] | None = None
         unknown = {e.inode for e in new if e.inode and e.inode not in self._owners}
-        unknown |= {e.inode for e, _ in self._waiting.values() if e.inode and e.inode not in self._owners}
         if unknown:
-            self._owners.update(self.procfs.socket_owners(unknown))
-        live = {e.inode for e in entries}
-        for inode in [i for i in self._owners if i not in live]:
-            del self._owners[inode]
+            live = {self._inode(k) for k in keys}
+            found = self.procfs.socket_owners(unknown, live, recheck=self._live_inodes)
+            self._owners.update(found)
+            # Missed by the cheap pass: the owner's fd cache hides it, or it lives in another pid
+            # namespace.  The flow is published now without an owner rather than held back.
+            self._retry |= unknown - found.keys()
+        if self._retry:
+            live = live if live is not None else {self._inode(k) for k in keys}
+            retry = self._retry & live
+            self._retry = set()
+            if retry:
+                # One full pass for inodes the cheap pass missed and that are still open: later flows of
+                # the same process are then found by the cheap pass.
+                self._owners.update(self.procfs.socket_owners(retry, live, full=True))
+        if fresh and self._owners:
+            live = live if live is not None else {self._inode(k) for k in keys}
+            self._owners = {i: p for i, p in self._owners.items() if i in live}
         events: list[dict[str, Any]] = []
         cap = self.capture
         for e in sorted(new, key=lambda e: (e.transport, e.local_port, e.remote_ip, e.remote_port)):
             if cap is not None and e.transport == "tcp" and self.payload_bytes and cap.saw_start(self._key(e)):
-                self._waiting[(e.local_ip, e.local_port, e.remote_ip, e.remote_port)] = (e, now)
+                self._waiting[self._key(e)] = (e, now)
                 continue
             event = self._event(e, now)
             if event is not None:
                 events.append(event)
         for key, (e, since) in list(self._waiting.items()):
-            first = cap.first_bytes(self._key(e)) if cap is not None else None
+            first = cap.first_bytes(key) if cap is not None else None
             if first is not None or now - since >= self.payload_wait_s or cap is None:
                 del self._waiting[key]
                 event = self._event(e, since, first)
                 if event is not None:
                     events.append(event)
         if cap is not None:
-            events.extend(self._dns_events(cap, entries))
+            events.extend(self._dns_events(cap))
         self.metrics.events.labels(self.name).inc(len(events))
         return events
 
@@ -130,18 +181,24 @@ class NetworkCollector:
             server_name=first.server_name if first is not None else None,
             payload_b64=first.payload_b64 if first is not None else None)
 
-    def _dns_events(self, cap: PacketCapture, entries: list[SocketEntry]) -> list[dict[str, Any]]:
+    def _dns_events(self, cap: PacketCapture) -> list[dict[str, Any]]:
         answers = cap.drain_answers()
         if not answers:
             return []
-        udp_by_port = {e.local_port: e.inode for e in entries if e.transport == "udp"}
+        # The querying socket: a UDP socket bound to the port the answer went to (often closed already).
+        if self.diag is not None:
+            udp = [decode_diag("udp", row) for row in self.diag.table(0, udp_connected_only=False).values()]
+        else:
+            udp = [e for e in read_sockets(self.procfs.root, self.net_root) if e.transport == "udp"]
+        udp_by_port = {e.local_port: e.inode for e in udp if e.transport == "udp"}
         out = []
         for a in answers:
             inode = udp_by_port.get(a.client_port)
             pid = None
             if inode:
-                pid = self._owners.get(inode) or self.procfs.socket_owners({inode}).get(inode)
+                pid = self._owners.get(inode) or self.procfs.socket_owners({inode}, full=True).get(inode)
             name = self.procfs.comm(pid) if pid is not None else None
             out.append(dns_event(self.host_name, a.timestamp, question=a.question, resolved_ips=a.addresses,
                                  pid=pid, process_name=name))
         return out
+

@@ -15,7 +15,8 @@ import pwd
 import re
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class ProcFS:
         self.root = str(root)
         self._users: dict[int, str | None] = {}
         self._btime: float | None = None
+        self._fd_cache: dict[int, dict[str, int]] = {}  # pid -> fd -> socket inode (0: not a socket)
+        self._socket_pids: set[int] = set()
 
     # ------------------------------------------------------------------ processes
 
@@ -156,35 +159,69 @@ class ProcFS:
 
     # ------------------------------------------------------------------ sockets
 
-    def socket_owners(self, wanted: set[int] | None = None) -> dict[int, int]:
-        """Socket inode -> pid, from the /proc/PID/fd links.
+    def socket_owners(self, wanted: set[int], live: set[int] | None = None, *, full: bool = False,
+                      recheck: Callable[[], set[int]] | None = None) -> dict[int, int]:
+        """Socket inode -> pid for the ``wanted`` inodes, from the /proc/PID/fd links.
 
-        This is the expensive read (one readlink per open file on the host), so callers pass the
-        inodes they need and the walk stops as soon as all are found.
+        This is the expensive read (a readlink per open file), so it is made cheap three ways: each
+        process's fd -> inode map is cached and only fds not seen before, or whose socket is no longer
+        ``live``, are read again; processes that owned sockets before, then the newest processes, are
+        searched first; the walk stops as soon as every wanted inode is found.  ``full=True`` reads
+        every fd again, for the rare socket the cache hides (an fd number that was a file and is now
+        a socket); callers use it once for an inode the cheap pass missed.  ``recheck`` returns the
+        inodes still open: it is asked once, after the processes known to own sockets, so that a flow
+        that already closed does not cost a walk over every process.
         """
         owners: dict[int, int] = {}
-        remaining = set(wanted) if wanted is not None else None
-        for pid in self.pids():
-            fd_dir = f"{self.root}/{pid}/fd"
-            try:
-                fds = os.listdir(fd_dir)
-            except OSError:
-                continue
-            for fd in fds:
+        remaining = set(wanted)
+        if not remaining:
+            return owners
+        pids = self.pids()
+        gone = self._fd_cache.keys() - set(pids)
+        for pid in gone:
+            del self._fd_cache[pid]
+            self._socket_pids.discard(pid)
+        pids.sort(key=lambda p: (p not in self._socket_pids, -p))
+        checked = recheck is None
+        for pid in pids:
+            if not checked and pid not in self._socket_pids:
+                checked = True
+                remaining &= recheck()  # type: ignore[misc]  # checked is False only when recheck is set
+            if not remaining:
+                break
+            self._scan_fds(pid, remaining, owners, live, full)
+        return owners
+
+    def _scan_fds(self, pid: int, remaining: set[int], owners: dict[int, int], live: set[int] | None,
+                  full: bool) -> None:
+        fd_dir = f"{self.root}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            return
+        cache = self._fd_cache.setdefault(pid, {})
+        has_socket = False
+        for fd in fds:
+            # Cache: inode > 0, a socket of the watched tables when read (read again once it is no longer
+            # live: closed, the fd number maybe reused); inode < 0, any other socket (unix, or opened
+            # after the table was taken), kept as is; 0, not a socket.
+            cached = cache.get(fd)
+            if cached is None or full or (cached > 0 and live is not None and cached not in live):
                 try:
                     target = os.readlink(f"{fd_dir}/{fd}")
                 except OSError:
                     continue
-                if target.startswith("socket:["):
-                    inode = int(target[8:-1])
-                    if remaining is None:
-                        owners.setdefault(inode, pid)
-                    elif inode in remaining:
-                        owners[inode] = pid
-                        remaining.discard(inode)
-                        if not remaining:
-                            return owners
-        return owners
+                inode = int(target[8:-1]) if target.startswith("socket:[") else 0
+                cache[fd] = inode if (live is None or inode in live) else -inode
+            else:
+                inode = abs(cached)
+            if inode:
+                has_socket = True
+                if inode in remaining:
+                    owners[inode] = pid
+                    remaining.discard(inode)
+        if has_socket:
+            self._socket_pids.add(pid)
 
 
 # ---------------------------------------------------------------------------- /proc/net
@@ -280,3 +317,110 @@ class ExecutableHasher:
             self._cache.clear()
         self._cache[key] = value = digest.hexdigest()
         return value
+
+
+# ---------------------------------------------------------------------------- sock_diag
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+_NLH = struct.Struct("=IHHII")
+_DIAG_REQ = struct.Struct("=BBBBI48s")
+_DIAG_MSG_SIZE = 72
+# Bitmasks of TCP states (1 << state): what the kernel should return.
+STATES_OUTBOUND = (1 << 1) | (1 << 2) | (1 << TCP_LISTEN)  # ESTABLISHED, SYN_SENT, LISTEN
+STATES_ALL = 0xFFF
+
+
+def decode_diag(transport: str, msg: bytes) -> SocketEntry:
+    """A sock_diag ``inet_diag_msg`` as a :class:`SocketEntry`."""
+    _family, state, sport, dport = _DIAG_HEAD.unpack_from(msg)
+    if msg[0] == socket.AF_INET:
+        src, dst = socket.inet_ntop(socket.AF_INET, msg[8:12]), socket.inet_ntop(socket.AF_INET, msg[24:28])
+    else:
+        src, dst = _v6(msg[8:24]), _v6(msg[24:40])
+    uid, inode = _UID_INODE.unpack_from(msg, 64)
+    return SocketEntry(transport, src, sport, dst, dport, state, uid, inode)
+
+
+_DIAG_HEAD = struct.Struct("!BBxxHH")  # family, state, (timer, retrans), local and remote port
+_UID_INODE = struct.Struct("=II")
+
+
+def _v6(raw: bytes) -> str:
+    addr = ipaddress.IPv6Address(raw)
+    mapped = addr.ipv4_mapped
+    return str(mapped) if mapped is not None else str(addr)
+
+
+class SockDiag:
+    """Socket tables through the kernel's sock_diag netlink interface (``ss`` uses it).
+
+    Much cheaper than formatting and parsing /proc/net/tcp: the kernel filters by state and answers
+    in binary, and :meth:`table` only slices each answer into a key (ports, addresses, uid, inode),
+    so a steady cycle is a set difference; only new sockets are decoded.  No privileges needed.
+    :attr:`available` is False on kernels without it, and the caller falls back to /proc/net.
+    """
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None
+        self._seq = 0
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+            self.sock.bind((0, 0))
+            self.table(STATES_OUTBOUND)
+        except OSError:
+            self.sock = None
+
+    @property
+    def available(self) -> bool:
+        return self.sock is not None
+
+    def _dump(self, family: int, protocol: int, states: int, prefix: bytes, out: dict[bytes, bytes]) -> None:
+        assert self.sock is not None
+        self._seq += 1
+        req = _DIAG_REQ.pack(family, protocol, 0, 0, states, b"\0" * 48)
+        self.sock.send(_NLH.pack(_NLH.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
+                                 self._seq, 0) + req)
+        unpack = _NLH_HEAD.unpack_from
+        while True:
+            data = self.sock.recv(1 << 17)
+            offset, size = 0, len(data)
+            while offset + 16 <= size:
+                length, msg_type = unpack(data, offset)
+                if msg_type == NLMSG_DONE:
+                    return
+                if msg_type == NLMSG_ERROR:
+                    errno_ = -struct.unpack_from("=i", data, offset + 16)[0]
+                    raise OSError(errno_, f"sock_diag: {os.strerror(errno_)}")
+                body = data[offset + 16:offset + 16 + _DIAG_MSG_SIZE]
+                # Ports and addresses (4:40), uid and inode (64:72): stable for the socket's life.
+                out[prefix + body[4:40] + body[64:72]] = body
+                offset += (length + 3) & ~3
+
+    def table(self, tcp_states: int = STATES_OUTBOUND, udp_connected_only: bool = True) -> dict[bytes, bytes]:
+        """Key -> raw answer for TCP sockets in ``tcp_states`` and (connected) UDP sockets.
+
+        Keys start with ``t`` or ``u`` (the transport); :func:`decode_diag` turns an answer into a
+        :class:`SocketEntry`.
+        """
+        out: dict[bytes, bytes] = {}
+        udp_states = (1 << 1) if udp_connected_only else STATES_ALL
+        for family in (socket.AF_INET, socket.AF_INET6):
+            if tcp_states:
+                self._dump(family, socket.IPPROTO_TCP, tcp_states, b"t", out)
+            self._dump(family, socket.IPPROTO_UDP, udp_states, b"u", out)
+        return out
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+_NLH_HEAD = struct.Struct("=IH")
+
+
+def key_inode(key: bytes) -> int:
+    return int.from_bytes(key[-4:], sys.byteorder)

@@ -164,12 +164,14 @@ def test_container_id_from_cgroup_path(tmp_path):
 # ------------------------------------------------------------------ network
 
 
-def test_loopback_tcp_flow_with_its_owning_process():
+@pytest.mark.parametrize("net_root", [None, "/proc/net"], ids=["sock_diag", "proc_net"])
+def test_loopback_tcp_flow_with_its_owning_process(net_root):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
-    col = NetworkCollector(HOST, metrics=AgentMetrics(), capture="off")
+    col = NetworkCollector(HOST, metrics=AgentMetrics(), capture="off", net_root=net_root)
     col.start()
+    assert (col.diag is not None) == (net_root is None)
     col.collect(time.time())
     # The client is another process, so the owning pid is not the agent's own (which is filtered out).
     code = ("import socket, sys, time; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
