@@ -171,7 +171,7 @@ def _default_text(field: Any) -> str:
             return "(computed)"
         if isinstance(value, BaseModel):
             return ""
-        if field.default_factory.__module__ == "socket":
+        if field.default_factory.__module__ in ("socket", "_socket"):  # socket.gethostname is _socket's
             return "this machine's hostname"
         return repr(value)
     return "" if field.default is None else repr(field.default)
