@@ -96,3 +96,15 @@ def test_shell_scripts_are_split_into_commands():
         any(s[:3] == ["./a", "-o", "stratum+tcp://h:1"] for s in segs)
     assert ["echo", "ok"] in segs
     assert _cmdline.segments(_cmdline.split("sh -c 'unbalanced \"quote'")), "odd input still gives commands"
+
+
+def test_secrets_on_command_lines_never_reach_findings():
+    engine = Engine(strict=True)
+    ev = c.validate_or_raise(proc("/tmp/m -o stratum+tcp://bob:hunter2@pool.example.org:3333 -u w -p s3cret "
+                                  "--api-key=k3y", parent="gunicorn"))
+    texts = []
+    for det in engine._by_dataset["gpusentry.process"]:
+        for f in det.process(ev, det.new_state()):
+            texts += [f.message, str(f.fields)]
+    assert texts and not any(s in t for t in texts for s in ("hunter2", "s3cret", "k3y"))
+    assert _cmdline.redact("curl -H 'x' http://u:pw@h/ TOKEN=abc") == "curl -H 'x' http://u:***@h/ TOKEN=***"

@@ -132,11 +132,28 @@ def in_system_dir(path: str | None) -> bool:
     return bool(path) and path.startswith(_SYSTEM_DIRS)  # type: ignore[union-attr]
 
 
+# Secrets on command lines: option values (-p PASS, --password=..., --token ...), URL credentials
+# (stratum+tcp://user:pass@host), and NAME=value assignments whose name says secret.
+_SECRET_OPTION = re.compile(r"(?i)(?<!\S)(-p|--pass|--password|--passwd|--api-key|--apikey|--token|--secret|"
+                            r"--access-token|--auth)(=|\s+)(\S+)")
+_URL_CREDENTIALS = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@")
+_SECRET_ASSIGNMENT = re.compile(r"(?i)\b([A-Z0-9_]*(?:PASSWORD|PASSWD|SECRET|TOKEN|API_KEY)[A-Z0-9_]*=)\S+")
+
+
+def redact(command_line: str | None) -> str | None:
+    """The command line with passwords, tokens and URL credentials replaced by ``***``."""
+    if not command_line:
+        return command_line
+    text = _SECRET_OPTION.sub(lambda m: f"{m.group(1)}{m.group(2)}***", command_line)
+    text = _URL_CREDENTIALS.sub(r"\1:***@", text)
+    return _SECRET_ASSIGNMENT.sub(r"\1***", text)
+
+
 def process_fields(event: Mapping[str, Any]) -> dict[str, Any]:
-    """ECS fields an incident should carry about the process of a process event."""
+    """ECS fields an incident should carry about the process of a process event (secrets redacted)."""
     p = event.get("process") or {}
     parent = p.get("parent") or {}
     return {"process.pid": p.get("pid"), "process.name": p.get("name"), "process.executable": p.get("executable"),
-            "process.command_line": p.get("command_line"), "process.parent.pid": parent.get("pid"),
+            "process.command_line": redact(p.get("command_line")), "process.parent.pid": parent.get("pid"),
             "process.parent.name": parent.get("name"), "user.name": (event.get("user") or {}).get("name"),
             "container.id": (event.get("container") or {}).get("id")}

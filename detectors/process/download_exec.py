@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import proc
-from detectors.process._cmdline import argv, process_fields
+from detectors.process._cmdline import argv, process_fields, redact
 from gpusentry.contract import Dataset, event_time
 
 _FETCH = r"(?:curl|wget|fetch|busybox\s+wget)\b[^|;&]*"
@@ -56,6 +56,6 @@ class DownloadExec(Detector):
         if match is None:
             return ()
         high = bool(MINER_WORDS.search(line))
-        return [self.finding(event, f"download-and-run by pid {p['pid']}: {line[:160]}", timestamp=event_time(event),
+        return [self.finding(event, f"download-and-run by pid {p['pid']}: {(redact(line) or '')[:160]}", timestamp=event_time(event),
                              severity="high" if high else "medium", score=0.8 if high else 0.5,
                              fields=process_fields(event))]

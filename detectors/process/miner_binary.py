@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import proc
+from detectors.process._cmdline import process_fields
 from gpusentry.contract import Dataset, event_time
 
 # Lower-cased executable base names of GPU and CPU miner families (and their usual release spellings).
@@ -53,8 +54,5 @@ class MinerBinary(Detector):
                     continue  # "miner" alone is too common a word to page on; flags decide instead
                 return [self.finding(event, f"known miner {raw!r} started (pid {p['pid']})",
                                      timestamp=event_time(event),
-                                     fields={"process.pid": p["pid"], "process.name": p["name"],
-                                             "process.executable": p.get("executable"),
-                                             "process.command_line": p.get("command_line"),
-                                             "container.id": (event.get("container") or {}).get("id")})]
+                                     fields=process_fields(event))]
         return ()

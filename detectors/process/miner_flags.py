@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import proc
-from detectors.process._cmdline import argv, basename, is_text_tool, process_fields, segments
+from detectors.process._cmdline import argv, basename, is_text_tool, process_fields, redact, segments
 from gpusentry.contract import Dataset, event_time
 
 # Pool URL schemes of GPU and CPU miners (XMRig, T-Rex, lolMiner, NBMiner, GMiner, BzMiner, SRBMiner, ...).
@@ -93,7 +93,7 @@ def miner_evidence(args: list[str]) -> tuple[list[str], list[str], list[str]]:
         return strong, medium, weak
     for opt, value in _options(args[1:]):
         if value is not None and POOL_URL.match(value):
-            reason = f"pool URL {value.split('://', 1)[0]}://{value.split('://', 1)[1][:60]}"
+            reason = f"pool URL {(redact(value) or '')[:80]}"
             if reason not in strong:
                 strong.append(reason)
             continue

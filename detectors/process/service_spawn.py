@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import proc
-from detectors.process._cmdline import DOWNLOADERS, SHELLS, argv, basename, process_fields, segments
+from detectors.process._cmdline import DOWNLOADERS, SHELLS, argv, basename, process_fields, redact, segments
 from gpusentry.contract import Dataset, event_time
 
 WEB_SERVERS = frozenset({"nginx", "httpd", "apache2", "gunicorn", "uvicorn", "php-fpm", "caddy", "lighttpd",
@@ -76,5 +76,5 @@ class ServiceSpawn(Detector):
         else:
             return ()
         return [self.finding(event, f"{kind} {parent!r} started {what} (pid {p['pid']}): "
-                             f"{(p.get('command_line') or ' '.join(args))[:120]}",
+                             f"{(redact(p.get('command_line') or ' '.join(args)) or '')[:120]}",
                              timestamp=event_time(event), score=0.6, fields=process_fields(event))]
