@@ -69,8 +69,9 @@ class StratumPayload(Detector):
         methods = sorted({m.method for m in hits if m.method})
         complete = [m for m in hits if not m.truncated]
         dialect = variant([m.params for m in complete])
-        first = complete[0] if complete else hits[0]
-        detail = f" {params_text(first.params, 80)}" if first.params is not None else ""
+        # Show what the subscribe says about the miner; authorize params hold the pool password.
+        subscribe = next((m for m in complete if m.method == "mining.subscribe" and m.params is not None), None)
+        detail = f" {params_text(subscribe.params, 80)}" if subscribe is not None else ""
         return [self.finding(event, f"{dialect} {', '.join(methods)} to {where(event)}{detail}",
                              timestamp=event_time(event), score=0.95 if complete else 0.8,
                              fields=flow_fields(event))]
