@@ -134,7 +134,7 @@ def test_half_space_trees_flag_a_change_of_behaviour():
     usual = max(model.score_one(x) for x in training[-10:])
     miner = {"util_mean": 100.0, "util_std": 0.3, "mem_pct": 94.0, "used_frac": 0.07, "power_frac": 0.97,
              "sm_frac": 0.6, "memclk_frac": 1.0, "pcie_log": 4.0}
-    assert model.score_one(miner) > max(0.8, usual + 0.3)
+    assert model.score_one(miner) > max(0.7, usual + 0.3)
 
 
 def test_mining_signature_separates_miners_from_burn_in():

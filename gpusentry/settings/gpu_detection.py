@@ -32,7 +32,7 @@ class GpuDetectionSettings(Section):
         20.0, ge=1, le=100, description="A GPU sample at or above this utilisation counts as busy.")
 
     anomaly_threshold: float = Field(
-        0.8, gt=0, lt=1, description="Half-space-trees score (0..1) at or above which a window is anomalous "
+        0.7, gt=0, lt=1, description="Half-space-trees score (0..1) at or above which a window is anomalous "
         "for that GPU. Anomalous windows are kept out of training unless the GPU's work is owned.")
     anomaly_warmup_windows: int = Field(
         20, ge=1, description="Windows a GPU's model learns before it may flag anything.")
