@@ -28,6 +28,8 @@ from typing import Any
 
 import dpkt
 
+from agents.procfs import name_this_thread
+
 log = logging.getLogger(__name__)
 
 ETH_P_ALL = 0x0003
@@ -219,6 +221,7 @@ class PacketCapture:
     # ------------------------------------------------------------------ reader thread
 
     def _run(self) -> None:
+        name_this_thread("gs-capture")
         while not self._stop.is_set():
             ready, _, _ = select.select([self.sock], [], [], 0.5)
             if not ready:

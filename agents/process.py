@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from agents.metrics import AgentMetrics
-from agents.procfs import ExecutableHasher, ProcessInfo, ProcFS
+from agents.procfs import ExecutableHasher, ProcessInfo, ProcFS, name_this_thread
 from gpusentry.contract import process_event
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class ProcConnector:
         self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn)
 
     def _run(self) -> None:
+        name_this_thread("gs-proc-events")
         on_fork, on_exec, on_exit, on_overflow = self._handlers
         while not self._stop.is_set():
             try:

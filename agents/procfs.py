@@ -424,3 +424,14 @@ _NLH_HEAD = struct.Struct("=IH")
 
 def key_inode(key: bytes) -> int:
     return int.from_bytes(key[-4:], sys.byteorder)
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread an OS-visible name (``top -H``, /proc/PID/task/TID/comm); best effort."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        return

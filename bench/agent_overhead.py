@@ -99,6 +99,19 @@ AGENT_CHILD = textwrap.dedent("""
         main_thread += time.thread_time() - m0
     wall = time.monotonic() - wall0
     total_cpu = time.process_time() - t0
+    def thread_cpu():
+        # CPU seconds per thread name, from /proc/self/task (librdkafka's threads are named rdk:*).
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                name = open(f"/proc/self/task/{tid}/comm").read().strip()
+                fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            key = "kafka client" if name.startswith("rdk:") else name
+            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
+    threads = thread_cpu()
     agent.close(timeout=10)
     print(json.dumps({"first_cycle_cpu_s": first_cpu, "first_cycle_events": first_events,
                       "cycle_cpu_s": cpu / cycles, "events_per_cycle": events / cycles,
@@ -106,6 +119,7 @@ AGENT_CHILD = textwrap.dedent("""
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "rss_after_first_cycle_mb": rss_after_first / 1024,
                       "main_thread_cycle_s": main_thread / cycles,
+                      "threads_s": threads, "wall_s": wall + first_cpu,
                       "per_collector_ms": {k: v / cycles * 1000 for k, v in per_collector.items()},
                       "process_source": next((c.source for c in agent.collectors if c.name == "process"), None)}))
 """)
@@ -189,6 +203,10 @@ def main() -> None:
             parts = ", ".join(f"{k} {v:.2f} ms" for k, v in r["per_collector_ms"].items())
             print(f"  of which the cycle itself (main thread) {r['main_thread_cycle_s'] * 1000:.2f} ms: {parts}; "
                   f"the rest is the netlink/capture reader threads and the Kafka client")
+            others = {k: v for k, v in r["threads_s"].items() if k != "python"}
+            if others:
+                print("  other threads over the run, % of one core: " + ", ".join(
+                    f"{k} {v / r['wall_s'] * 100:.2f} %" for k, v in sorted(others.items())))
             print(f"  share of one core at {args.interval:g} s: {share * 100:.2f} % per cycle, "
                   f"{r['cpu_share_of_core'] * 100:.2f} % overall incl. first cycle and reader threads "
                   f"(target < 1 %)")
