@@ -11,7 +11,7 @@ flows, pool DNS), so correlation and alerting run too.  Figures, all on one core
 
 Printed as events/s and as ratios to the baseline.  Target: replay >= 50,000 events/s.
 
-    python bench/replay_throughput.py [--hosts 64] [--minutes 10] [--repeat 3]
+    python bench/replay_throughput.py [--hosts 16] [--minutes 30] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def timed(fn) -> float:  # noqa: ANN001
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", type=int, default=64)
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--repeat", type=int, default=3, help="best of N runs of each measurement")
+    parser.add_argument("--hosts", type=int, default=16)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--repeat", type=int, default=2, help="best of N runs of each measurement")
     args = parser.parse_args()
     lines = fleet_stream(args.hosts, args.minutes)
     n = len(lines)
