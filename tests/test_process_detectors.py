@@ -108,3 +108,11 @@ def test_secrets_on_command_lines_never_reach_findings():
             texts += [f.message, str(f.fields)]
     assert texts and not any(s in t for t in texts for s in ("hunter2", "s3cret", "k3y"))
     assert _cmdline.redact("curl -H 'x' http://u:pw@h/ TOKEN=abc") == "curl -H 'x' http://u:***@h/ TOKEN=***"
+
+
+def test_container_clis_that_run_programs_are_judged_by_their_args():
+    assert findings("/usr/bin/docker run -d --gpus all img -o stratum+tcp://pool.example.org:3333")[
+        "process.miner_flags"] == "high"
+    assert "process.miner_flags" not in findings("/usr/bin/docker logs -f stratum+tcp://not-a-container")
+    assert findings("/usr/bin/kubectl exec -it pod -- ./m -o stratum+ssl://pool.example.org:443")[
+        "process.miner_flags"] == "high"

@@ -104,8 +104,20 @@ def segments(args: list[str], depth: int = 0) -> list[list[str]]:
     return nested
 
 
+# Container CLIs read logs and inspect with most subcommands, but these start programs with the given args.
+CONTAINER_CLIS = frozenset({"docker", "podman", "nerdctl", "kubectl", "crictl", "ctr"})
+_CONTAINER_RUN = frozenset({"run", "exec", "create", "debug", "container", "task"})
+
+
 def is_text_tool(args: list[str]) -> bool:
-    return bool(args) and basename(args[0]).lower() in TEXT_TOOLS
+    """True for programs whose arguments only mention things (grep xmrig, docker logs miner)."""
+    if not args:
+        return False
+    name = basename(args[0]).lower()
+    if name in CONTAINER_CLIS:
+        sub = next((a for a in args[1:] if not a.startswith("-")), "")
+        return sub not in _CONTAINER_RUN
+    return name in TEXT_TOOLS
 
 
 def staging_dir(path: str | None) -> str | None:

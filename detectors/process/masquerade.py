@@ -16,14 +16,18 @@ KERNEL_THREAD = re.compile(
     r"^\[?(kworker|kthreadd|ksoftirqd|kswapd\d*|migration|rcu_\w+|watchdog|kdevtmpfs|khugepaged|kcompactd\d*|"
     r"jbd2|kauditd|kblockd|kintegrityd|khungtaskd|oom_reaper|writeback|kthrotld|irq|cpuhp|idle_inject|"
     r"ksmd|netns|kstrp|xfsaild|scsi_eh_\d+|nvidia-modeset|ecryptfs-kthrea)(?:[/:\]]|$)")
-# System daemons and the directories their real binaries live in.
-DAEMONS = frozenset({
+# Daemons of the operating system: their real binaries come with the distribution, never from /usr/local.
+OS_DAEMONS = frozenset({
     "systemd", "systemd-journald", "systemd-logind", "systemd-resolved", "systemd-networkd", "systemd-udevd",
-    "systemd-timesyncd", "sshd", "cron", "crond", "atd", "dbus-daemon", "rsyslogd", "syslogd", "containerd",
-    "containerd-shim", "dockerd", "kubelet", "kube-proxy", "nvidia-persistenced", "nv-hostengine", "dcgm-exporter",
-    "polkitd", "snapd", "agetty", "udevd", "irqbalance", "chronyd", "ntpd", "auditd", "accounts-daemon",
-    "networkmanager", "wpa_supplicant", "udisksd", "multipathd", "init", "upstart", "getty", "master", "postfix",
+    "systemd-timesyncd", "sshd", "cron", "crond", "atd", "dbus-daemon", "rsyslogd", "syslogd", "polkitd", "agetty",
+    "udevd", "irqbalance", "chronyd", "ntpd", "auditd", "accounts-daemon", "networkmanager", "wpa_supplicant",
+    "udisksd", "multipathd", "init", "upstart", "getty", "master", "postfix",
 })
+# Infrastructure daemons that are often installed by hand (/usr/local/bin, /opt) or run from container paths.
+INFRA_DAEMONS = frozenset({"containerd", "containerd-shim", "dockerd", "kubelet", "kube-proxy", "nvidia-persistenced",
+                           "nv-hostengine", "dcgm-exporter", "snapd"})
+DAEMONS = OS_DAEMONS | INFRA_DAEMONS
+_INFRA_PLACES = ("/usr/local/", "/run/containerd/", "/var/lib/", "/opt/", "/snap/")
 
 
 class Masquerade(Detector):
@@ -48,6 +52,7 @@ class Masquerade(Detector):
         Example("real journald", False, [proc("/usr/lib/systemd/systemd-journald")]),
         Example("real sshd", False, [proc("/usr/sbin/sshd -D", parent="systemd", parent_pid=1, user="root")]),
         Example("kubelet in /usr/local/bin", False, [proc("/usr/local/bin/kubelet --config=/var/lib/kubelet/c.yaml")]),
+        Example("udevd in /usr/local/bin", True, [proc("/usr/local/bin/systemd-udevd -c /etc/udev/u.json")]),
         Example("worker script named like a word", False, [proc("/home/ml/bin/watchdog.py --every 60")]),
     ]
 
@@ -64,8 +69,11 @@ class Masquerade(Detector):
         what = None
         if KERNEL_THREAD.match(name) or KERNEL_THREAD.match(exe_name):
             what = f"kernel-thread name {name!r} with an executable {exe}"
-        elif (name.lower() in DAEMONS or exe_name.lower() in DAEMONS) and not in_system_dir(exe) \
-                and not exe.startswith(("/usr/local/", "/run/containerd/", "/var/lib/")):
+        elif (name.lower() in OS_DAEMONS or exe_name.lower() in OS_DAEMONS) and (
+                not in_system_dir(exe) or exe.startswith(("/usr/local/", "/opt/", "/var/lib/"))):
+            what = f"system daemon name {name!r} run from {exe}"
+        elif (name.lower() in INFRA_DAEMONS or exe_name.lower() in INFRA_DAEMONS) and not in_system_dir(exe) \
+                and not exe.startswith(_INFRA_PLACES):
             what = f"daemon name {name!r} run from {exe}"
         if what is None:
             return ()
