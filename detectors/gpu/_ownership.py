@@ -91,17 +91,27 @@ class Allowlist:
         self._names = frozenset(settings.allowed_process_names)
         self._users = frozenset(settings.allowed_users)
         self._containers = tuple(settings.allowed_container_ids)
+        self._exe_verdicts: dict[str, bool] = {}  # the same few programs show up in every sample
+
+    def _exe_allowed(self, exe: str) -> bool:
+        verdict = self._exe_verdicts.get(exe)
+        if verdict is None:
+            verdict = self._exe.match(exe) is not None
+            if len(self._exe_verdicts) >= 4096:
+                self._exe_verdicts.clear()
+            self._exe_verdicts[exe] = verdict
+        return verdict
 
     def allows(self, proc: GpuProc, info: ProcInfo | None) -> bool:
         exe = proc.executable or (info.executable if info else None)
         if exe:
-            if self._exe.match(exe):
+            if self._exe_allowed(exe):
                 return True
         else:
             name = proc.name or (info.name if info else None)
             if name and name in self._names:
                 return True
-        if info is not None:
+        if info is not None and (self._users or self._containers):
             if info.user and info.user in self._users:
                 return True
             if info.container and any(info.container.startswith(c) for c in self._containers if c):

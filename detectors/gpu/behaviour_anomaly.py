@@ -83,7 +83,7 @@ class GpuBehaviourAnomaly(Detector):
                     f"utilisation {x.get('util_mean') or 0:.0f} %, memory controller {x.get('mem_pct') or 0:.0f} %)",
                     timestamp=s.ts, score=score, fields={"gpu.index": window.index, "gpu.uuid": window.uuid}))
             gpu.owned = True
-        if s.util is not None and s.util >= g.busy_gpu_pct:
+        if gpu.owned and s.util is not None and s.util >= g.busy_gpu_pct:
             procs = s.procs
             if procs is not None and not all(self.allowlist.allows(p, state.table.get(p.pid)) for p in procs):
                 gpu.owned = False
