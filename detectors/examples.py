@@ -47,3 +47,13 @@ def dns(question: str, ips: list[str], *, t: float = 0.0, pid: int | None = None
     """A DNS answer the host saw."""
     return c.dns_event(host, T0 + t, question=question, resolved_ips=ips, pid=pid,
                        event_id=event_id or f"dns-{question}-{int(t * 1000)}")
+
+
+def gpu(t: float = 0.0, *, util: float | None, **kwargs: Any) -> dict[str, Any]:
+    """One GPU sample at ``T0 + t`` (an A100 by default; keywords as :func:`detectors.gpu._examples.gpu`).
+
+    Workload series (idle, training, mining, burn-in) are in :mod:`detectors.gpu._examples`.
+    """
+    from detectors.gpu._examples import gpu as build  # imported here: that module builds on this one
+
+    return build(t, util=util, **kwargs)
