@@ -94,14 +94,16 @@ def is_http_request(data: bytes | None) -> bool:
     return bool(data) and data.startswith(_HTTP_METHODS)  # type: ignore[union-attr]
 
 
+# The last payload decoded: every network detector asks for the same event's messages in turn.
 _last: tuple[str | None, list[RpcMessage], bytes | None] = (None, [], None)
 
 
 def flow_messages(event: dict[str, Any]) -> tuple[bytes | None, list[RpcMessage]]:
     """Payload bytes and JSON-RPC messages of a network event (decoded once for all detectors of the event)."""
     global _last
-    b64 = (event.get("gpusentry") or {}).get("flow", {}).get("payload_b64") \
-        if isinstance((event.get("gpusentry") or {}).get("flow"), dict) else None
+    ours = event.get("gpusentry")
+    flow = ours.get("flow") if isinstance(ours, dict) else None
+    b64 = flow.get("payload_b64") if isinstance(flow, dict) else None
     if b64 is None:
         return None, []
     if _last[0] is b64:
