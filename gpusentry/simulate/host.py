@@ -137,7 +137,7 @@ class HostSim:
                         procs.append({"pid": prog.pid, "used_memory_bytes": int(ld.used_bytes),
                                       "sm_pct": round(ld.util) if len(active) > 1 else None, "name": prog.name,
                                       "executable": prog.executable, "command_line": prog.command_line})
-                ts = t + i * 0.001  # the agent reads the GPUs one after another
+                ts = t  # one collection cycle: every GPU of the host carries the cycle's time
                 yield ts, 0, c.gpu_event(
                     self.host, self.start + ts, index=i, uuid=uuid, name=spec.product_name, gpu_pct=m["util"],
                     memory_pct=m["mem_pct"], memory_used_bytes=int(m["used"]), memory_total_bytes=total,
