@@ -40,7 +40,7 @@ from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 # Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
 MAX_ORIGINAL_BYTES = 64 * 1024
 
@@ -74,6 +74,9 @@ class PartitionState:
     number: int
     offsets: dict[str, int] = field(default_factory=dict)  # topic -> next offset the engine state covers
     hosts: set[str] = field(default_factory=set)
+    # Each host's last snapshot (zlib-compressed), re-taken only for hosts that saw events since.
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
     pending_acks: list[Callable[[], Any]] = field(default_factory=list)
     dirty: bool = False
     last_checkpoint: float = 0.0  # monotonic
@@ -140,8 +143,9 @@ class Pipeline:
                 await self._dead_letter_reject(reject, topic, partition, offset, key, value)
             engine = self.engine
             last_ts = None
+            changed = part.changed
             for event in decoded.events:
-                part.hosts.add(event["host"]["name"])
+                changed.add(event["host"]["name"])
                 alerts = engine.process(event)
                 if engine.failures:
                     for failure in engine.drain_failures():
@@ -248,10 +252,13 @@ class Pipeline:
         # 1. everything sent so far is on the broker; 2. the state and offsets; 3. only then the acks.
         await self._await_inflight()
         marks = await self.io.alert_end_offsets()
+        for host in part.changed:
+            part.blobs[host] = zlib.compress(self.engine.snapshot_host(host), 1)
+        part.hosts |= part.changed
+        part.changed = set()
         record = {"format": CHECKPOINT_FORMAT, "partition": part.number, "offsets": part.offsets,
-                  "hosts": {h: self.engine.snapshot_host(h) for h in sorted(part.hosts)},
-                  "alert_marks": marks, "written_at": time.time(), "worker": self.worker_id}
-        await self.io.write_checkpoint(part.number, zlib.compress(pickle.dumps(record, pickle.HIGHEST_PROTOCOL), 1))
+                  "hosts": part.blobs, "alert_marks": marks, "written_at": time.time(), "worker": self.worker_id}
+        await self.io.write_checkpoint(part.number, pickle.dumps(record, pickle.HIGHEST_PROTOCOL))
         self.metrics.checkpoints.inc()
         acks, part.pending_acks = part.pending_acks, []
         for ack in acks:
@@ -277,14 +284,15 @@ class Pipeline:
         part = PartitionState(number)
         marks: dict[int, int] | None = None
         if blob is not None:
-            record = pickle.loads(zlib.decompress(blob))  # noqa: S301 - written by a worker of this app
+            record = pickle.loads(blob)  # noqa: S301 - written by a worker of this app, to its own topic
             if record.get("format") != CHECKPOINT_FORMAT:
                 raise RuntimeError(f"checkpoint of partition {number} has format {record.get('format')}; "
                                    f"this worker reads format {CHECKPOINT_FORMAT}: delete the checkpoint topic "
                                    "to start from scratch")
             for host, host_blob in record["hosts"].items():
-                self.engine.restore_host(host, host_blob)
+                self.engine.restore_host(host, zlib.decompress(host_blob))
                 part.hosts.add(host)
+                part.blobs[host] = host_blob
             part.offsets = dict(record["offsets"])
             marks = record["alert_marks"]
             self.metrics.restores.inc()
@@ -329,7 +337,7 @@ class Pipeline:
                     continue
                 if part.dirty or part.pending_acks:
                     await self._checkpoint(part)
-                for host in part.hosts:
+                for host in part.hosts | part.changed:
                     self.engine.forget_host(host)
             if not self.partitions:
                 self._published_ids.clear()
