@@ -96,7 +96,9 @@ def test_duty_cycle_needs_a_visible_unowned_process():
                 ev["gpu"]["processes"] = None  # the driver did not report processes
         return out
 
-    assert run(DutyCycledGpu(), cycles([]))  # busy with no visible process at all
+    listed_once = [gpu(-10, util=0, used_gib=1, procs=[gproc(5, "/usr/bin/nvidia-smi", gib=0.1)])]
+    assert run(DutyCycledGpu(), listed_once + cycles([]))  # busy with no visible process at all
+    assert not run(DutyCycledGpu(), cycles([]))  # a GPU that never lists processes (vGPU guest, MIG parent)
     assert not run(DutyCycledGpu(), cycles(None))  # processes not reported: nothing to judge
     assert not run(DutyCycledGpu(), cycles([gproc(5, "/usr/bin/ffmpeg")]))
 

@@ -18,6 +18,7 @@ from gpusentry.contract import Dataset
 class _Gpu:
     model: HalfSpaceBehaviour
     owned: bool = True  # every busy sample of the open window ran only allowlisted programs
+    lists_processes: bool = False  # the GPU has listed a process before (vGPU guests and MIG parents never do)
 
 
 @dataclass
@@ -83,10 +84,12 @@ class GpuBehaviourAnomaly(Detector):
                     f"utilisation {x.get('util_mean') or 0:.0f} %, memory controller {x.get('mem_pct') or 0:.0f} %)",
                     timestamp=s.ts, score=score, fields={"gpu.index": window.index, "gpu.uuid": window.uuid}))
             gpu.owned = True
+        procs = s.procs
+        if procs:
+            gpu.lists_processes = True
         if gpu.owned and s.util is not None and s.util >= g.busy_gpu_pct:
-            procs = s.procs
-            if procs is not None and not all(self.allowlist.allows(p, state.table.get(p.pid)) for p in procs):
+            if procs and not all(self.allowlist.allows(p, state.table.get(p.pid)) for p in procs):
                 gpu.owned = False
-            elif procs == []:
-                gpu.owned = False  # busy with no visible process: nobody we know owns it
+            elif procs == [] and gpu.lists_processes:
+                gpu.owned = False  # busy with no visible process on a GPU that lists them: nobody we know owns it
         return findings

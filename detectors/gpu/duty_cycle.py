@@ -24,6 +24,7 @@ class _Gpu:
     phase_visible: bool = False  # the current busy phase reported its processes at all
     cycles: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_CYCLES))  # ends of unowned busy phases
     last_report: float | None = None
+    lists_processes: bool = False  # this GPU has listed a process before: an empty list then means none
 
 
 @dataclass
@@ -47,7 +48,7 @@ class DutyCycledGpu(Detector):
     id = "gpu.duty_cycle"
     title = "Duty-cycled use of a GPU no job owns"
     description = ("A GPU that no allowlisted program or known job owns keeps switching between busy and idle "
-                   "(busy phases with no owned process, or with no visible process at all): the pattern of a "
+                   "(busy phases with no owned process, or with none listed on a GPU that does list its processes): the pattern of a "
                    "miner throttled to stay under utilisation alerts.")
     severity = "medium"
     technique = "T1496.001"
@@ -81,10 +82,14 @@ class DutyCycledGpu(Detector):
         if gpu is None:
             gpu = state.gpus[s.uuid] = _Gpu()
         busy = s.util >= g.busy_gpu_pct
+        if s.procs:
+            gpu.lists_processes = True
         if busy:
             if not gpu.busy:
                 gpu.busy, gpu.phase_owned, gpu.phase_visible = True, False, False
-            if s.procs is not None:
+            # An empty list counts only on a GPU known to list its processes (vGPU guests and MIG
+            # parents list none at all).
+            if s.procs is not None and (s.procs or gpu.lists_processes):
                 gpu.phase_visible = True
                 if any(self.allowlist.allows(p, state.table.get(p.pid)) for p in s.procs):
                     gpu.phase_owned = True
