@@ -47,7 +47,7 @@ def test_fast_path_answers_exactly_as_the_reference(which, data):
     expanded = c.expand_dotted(event) if c._has_dotted_key(event) else copy.deepcopy(event)
     reference = c._validate_slow(expanded)
     assert c.validate_event(copy.deepcopy(event)) == reference
-    if c._fast_valid(copy.deepcopy(event)):
+    if not c._has_dotted_key(event) and c._fast_valid(copy.deepcopy(event)):  # as validate_event consults it
         assert reference == event, "the fast path accepted what the reference refuses or changes"
 
 
