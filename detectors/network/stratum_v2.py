@@ -7,6 +7,10 @@ whose client side sent exactly one 64-byte (or 32-byte) high-entropy blob, to a 
 TLS, SSH or VPN port, and which starts no known protocol, is probably a Stratum V2 handshake.
 Other Noise-based protocols look the same, so this is medium; the registered Stratum V2 port
 (34254) makes it high.
+
+Limit: the host agent reports a flow's first segment, which is exactly the key.  ``replay`` of a
+capture reassembles up to 512 client bytes, so a captured *complete* session (key followed by the
+encrypted frames) is longer than the key and does not match; a handshake the pool never answered does.
 """
 
 from __future__ import annotations
