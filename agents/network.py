@@ -46,7 +46,6 @@ class NetworkCollector:
         self._owners: dict[int, int] = {}  # socket inode -> pid
         self._waiting: dict[tuple[Any, ...], tuple[SocketEntry, float]] = {}
         self._own_pid = os.getpid()
-        self._retry: set[int] = set()
         self.diag: SockDiag | None = None
 
     def start(self) -> bool:
@@ -126,19 +125,7 @@ class NetworkCollector:
         unknown = {e.inode for e in new if e.inode and e.inode not in self._owners}
         if unknown:
             live = {self._inode(k) for k in keys}
-            found = self.procfs.socket_owners(unknown, live, recheck=self._live_inodes)
-            self._owners.update(found)
-            # Missed by the cheap pass: the owner's fd cache hides it, or it lives in another pid
-            # namespace.  The flow is published now without an owner rather than held back.
-            self._retry |= unknown - found.keys()
-        if self._retry:
-            live = live if live is not None else {self._inode(k) for k in keys}
-            retry = self._retry & live
-            self._retry = set()
-            if retry:
-                # One full pass for inodes the cheap pass missed and that are still open: later flows of
-                # the same process are then found by the cheap pass.
-                self._owners.update(self.procfs.socket_owners(retry, live, full=True))
+            self._owners.update(self.procfs.socket_owners(unknown, live, recheck=self._live_inodes))
         if fresh and self._owners:
             live = live if live is not None else {self._inode(k) for k in keys}
             self._owners = {i: p for i, p in self._owners.items() if i in live}

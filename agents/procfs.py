@@ -166,11 +166,11 @@ class ProcFS:
         This is the expensive read (a readlink per open file), so it is made cheap three ways: each
         process's fd -> inode map is cached and only fds not seen before, or whose socket is no longer
         ``live``, are read again; processes that owned sockets before, then the newest processes, are
-        searched first; the walk stops as soon as every wanted inode is found.  ``full=True`` reads
-        every fd again, for the rare socket the cache hides (an fd number that was a file and is now
-        a socket); callers use it once for an inode the cheap pass missed.  ``recheck`` returns the
-        inodes still open: it is asked once, after the processes known to own sockets, so that a flow
-        that already closed does not cost a walk over every process.
+        searched first; the walk stops as soon as every wanted inode is found.  An inode the cached
+        walk misses (its fd number held a file when last read) gets one walk that reads every fd again;
+        ``full=True`` starts with that walk.  ``recheck`` returns the inodes still open: it is asked
+        before each walk over processes not known to own sockets, so that a flow that already closed
+        does not cost a walk over every process.
         """
         owners: dict[int, int] = {}
         remaining = set(wanted)
@@ -182,14 +182,17 @@ class ProcFS:
             del self._fd_cache[pid]
             self._socket_pids.discard(pid)
         pids.sort(key=lambda p: (p not in self._socket_pids, -p))
-        checked = recheck is None
-        for pid in pids:
-            if not checked and pid not in self._socket_pids:
-                checked = True
-                remaining &= recheck()  # type: ignore[misc]  # checked is False only when recheck is set
+        for reread in ((True,) if full else (False, True)):
+            checked = recheck is None
+            for pid in pids:
+                if not checked and pid not in self._socket_pids:
+                    checked = True
+                    remaining &= recheck()  # type: ignore[misc]  # checked is False only when recheck is set
+                if not remaining:
+                    return owners
+                self._scan_fds(pid, remaining, owners, live, reread)
             if not remaining:
                 break
-            self._scan_fds(pid, remaining, owners, live, full)
         return owners
 
     def _scan_fds(self, pid: int, remaining: set[int], owners: dict[int, int], live: set[int] | None,
