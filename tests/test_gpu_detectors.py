@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import pickle
 
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
+
 from detectors.engine import Engine, discover
 from detectors.examples import proc
 from detectors.gpu._examples import TRAINER, gproc, gpu, idle, mining, training
@@ -140,3 +144,28 @@ def test_engine_checkpoint_mid_hijack_resumes_identically():
     assert [(a["@timestamp"], a["gpusentry"]["alert"]["severity"]) for a in head + tail] == key
     assert any(a["gpusentry"]["alert"]["severity"] in ("high", "critical") for a in expected)
     pickle.loads(blob)
+
+
+_numbers = st.one_of(st.none(), st.integers(-10, 10**13), st.floats(-1e12, 1e15, allow_nan=False))
+
+
+@settings_(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.floats(0, 600), _numbers, _numbers, _numbers, _numbers, _numbers, _numbers,
+                          st.lists(st.tuples(st.integers(1, 5), st.one_of(st.none(), st.text(max_size=20))),
+                                   max_size=3)),
+                min_size=1, max_size=30))
+def test_gpu_detectors_never_raise_on_odd_numbers(samples):
+    """Any value the contract lets through (negative, huge, zero totals, missing) is survived."""
+    dets = [cls() for cls in discover() if cls.id.startswith("gpu.")]
+    states = [d.new_state() for d in dets]
+    for t, util, mem, used, power, limit, pcie, procs in sorted(samples, key=lambda s: s[0]):
+        ev = c.gpu_event("h", 1.79e9 + t, index=0, uuid="GPU-x", name="NVIDIA L4", gpu_pct=util, memory_pct=mem,
+                         memory_used_bytes=int(used) if used is not None else None, memory_total_bytes=0,
+                         power_draw_watts=power, power_limit_watts=limit, pcie_rx_bytes_per_s=pcie,
+                         processes=[{"pid": pid, "executable": exe, "name": exe} for pid, exe in procs])
+        checked = c.validate_event(ev)
+        if isinstance(checked, c.Reject):
+            continue
+        for det, state in zip(dets, states, strict=True):
+            for f in det.process(checked, state):
+                assert 0.0 <= f.score <= 1.0

@@ -14,12 +14,11 @@ import random
 
 import pytest
 
-import detectors.gpu.behaviour_anomaly  # noqa: F401 - import every GPU module so all models are defined
-import detectors.gpu.drift  # noqa: F401
-import detectors.gpu.mining_signature  # noqa: F401
+from detectors.engine import discover
 from detectors.gpu._models import GpuModel, all_model_classes
 from detectors.gpu._window import FEATURES
 
+discover()  # imports every detector module, so every model class a detector uses is defined
 MODELS = all_model_classes()
 # Largest pickled size any GPU model may reach; a host with 8 GPUs checkpoints 8 of each.
 MAX_PICKLED_BYTES = 64 * 1024

@@ -263,7 +263,7 @@ class GpuWindows:
             "limit_frac": limit / tdp if limit is not None and tdp else None,
             "sm_frac": sm / max_sm if sm is not None and max_sm else None,
             "memclk_frac": memclk / max_memclk if memclk is not None and max_memclk else None,
-            "pcie_log": math.log10(1.0 + pcie) if pcie is not None else None,
+            "pcie_log": math.log10(1.0 + max(0.0, pcie)) if pcie is not None else None,
             "busy_frac": acc.busy / acc.n_util if acc.n_util else None,
         }
         return Window(uuid, index, acc.start, acc.start + self.window_s, acc.n, features, acc.last_event_id)
