@@ -113,3 +113,24 @@ def test_cli_lists_scenarios_and_rejects_unknown_ones():
     assert listed.exit_code == 0 and "shares-training" in listed.output
     bad = runner.invoke(app, ["simulate", "-s", "no-such-thing"])
     assert bad.exit_code == 2 and "--list" in bad.output
+
+
+def test_simulated_fleet_replays_into_incidents_on_the_hijacked_host_only(tmp_path):
+    events, labels, alerts = tmp_path / "fleet.jsonl.gz", tmp_path / "labels.json", tmp_path / "alerts.jsonl"
+    runner = CliRunner()
+    made = runner.invoke(app, ["simulate", "-s", "burn-in", "-s", "miner-renamed", "--duration", "900", "--seed", "3",
+                               "-o", str(events), "--labels", str(labels)])
+    assert made.exit_code == 0, made.output
+    replayed = runner.invoke(app, ["replay", str(events), "-o", str(alerts), "--strict"])
+    assert replayed.exit_code == 0, replayed.output
+    truth = json.loads(labels.read_text())
+    worst: dict[str, str] = {}
+    order = ["low", "medium", "high", "critical"]
+    for line in alerts.read_bytes().splitlines():
+        alert = orjson.loads(line)
+        host, sev = alert["host"]["name"], alert["gpusentry"]["alert"]["severity"]
+        worst[host] = max(worst.get(host, "low"), sev, key=order.index)
+    hijacked = [h for h, lb in truth.items() if lb["label"] == "hijack"]
+    benign = [h for h, lb in truth.items() if lb["label"] == "benign"]
+    assert all(worst.get(h) in ("high", "critical") for h in hijacked), worst
+    assert all(worst.get(h, "low") == "low" for h in benign), worst
