@@ -69,7 +69,10 @@ def _assemble(program: list[tuple[Any, ...]]) -> list[tuple[int, int, int, int]]
     return out
 
 
-def _filter_program() -> list[tuple[int, int, int, int]]:
+def _filter_program(first_bytes: bool = True) -> list[tuple[int, int, int, int]]:
+    """The kernel-side filter; ``first_bytes=False`` passes DNS answers only (no TCP at all)."""
+    tcp4, tcp6 = ("v4tcp", "v6tcp") if first_bytes else ("drop", "drop")
+
     def payload(ihl_in_x: bool, tot_off: int, tcp: int) -> list[tuple[Any, ...]]:
         """A = TCP payload length; X holds the IP header length (IPv4) or is unused (IPv6)."""
         if ihl_in_x:  # IPv4: total length - IP header - TCP header
@@ -90,7 +93,7 @@ def _filter_program() -> list[tuple[int, int, int, int]]:
         (LDX_B_MSH, 0, 0, 0),
         (LD_B_ABS, 0, 0, 9),
         (JEQ_K, "v4udp", 0, 17),
-        (JEQ_K, "v4tcp", "drop", 6),
+        (JEQ_K, tcp4, "drop", 6),
         ("label", "v4udp"),
         (LD_H_IND, 0, 0, 0), (JEQ_K, "inbound", "drop", 53),
         ("label", "v4tcp"),
@@ -104,7 +107,7 @@ def _filter_program() -> list[tuple[int, int, int, int]]:
         ("label", "v6"),
         (LD_B_ABS, 0, 0, 6),
         (JEQ_K, "v6udp", 0, 17),
-        (JEQ_K, "v6tcp", "drop", 6),
+        (JEQ_K, tcp6, "drop", 6),
         ("label", "v6udp"),
         (LD_H_ABS, 0, 0, 40), (JEQ_K, "inbound", "drop", 53),
         ("label", "v6tcp"),
@@ -206,7 +209,7 @@ class PacketCapture:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            _attach(self.sock, _filter_program())
+            _attach(self.sock, _filter_program(first_bytes=payload_bytes > 0))
         except OSError:
             self.sock.close()
             raise

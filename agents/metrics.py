@@ -35,6 +35,9 @@ class AgentMetrics:
         self.delivery_failures = Counter("gpusentry_agent_delivery_failures",
                                          "Deliveries that failed and went back to the spool, per error.",
                                          ["error"], registry=r)
+        self.producer_queue_full = Counter("gpusentry_agent_producer_queue_full",
+                                           "Times the Kafka client's queue was full (BufferError); the "
+                                           "messages waited in the spool.", registry=r)
         self.spool_messages = Gauge("gpusentry_agent_spool_messages", "Messages waiting in the spool.",
                                     registry=r)
         self.spool_bytes = Gauge("gpusentry_agent_spool_bytes", "Bytes on disk in the spool.", registry=r)

@@ -214,7 +214,9 @@ class KafkaSink:
             try:
                 self.producer.produce(msg.topic, msg.value, msg.key, on_delivery=self._on_delivery(entry))
             except BufferError:
-                break  # the client's queue is full: the rest stays in the spool for the next cycle
+                # The client's queue is full: the rest stays in the spool for the next cycle.
+                self.metrics.producer_queue_full.inc()
+                break
             self._inflight.append(entry)
             self._read_pos = msg.end
 

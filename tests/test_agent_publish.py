@@ -201,11 +201,13 @@ def proxied():
         broker.stop()
 
 
-def kafka_agent(tmp_path, bootstrap: str, topic: str, log_name: str, nvml: FakeNvml) -> Agent:
+def kafka_agent(tmp_path, bootstrap: str, topic: str, log_name: str, nvml: FakeNvml,
+                kafka_extra: dict | None = None) -> Agent:
     cfg = config(tmp_path, collectors=["gpu"], message_timeout_ms=1500, interval_s=0.1)
     cfg.kafka.bootstrap_servers = bootstrap
     cfg.topics.gpu = topic
-    agent = Agent(cfg, outputs=["kafka", f"jsonl:{tmp_path / log_name}"], nvml=nvml.module(), strict=True)
+    agent = Agent(cfg, outputs=["kafka", f"jsonl:{tmp_path / log_name}"], nvml=nvml.module(), strict=True,
+                  kafka_extra=kafka_extra)
     agent.start()
     return agent
 
@@ -236,7 +238,9 @@ def consumed_ids(bootstrap: str, topic: str, expected_events: int) -> list[str]:
 def test_outage_longer_than_the_producer_buffer_loses_nothing_and_keeps_order(tmp_path, proxied):
     topic = "agent.outage"
     create_topics(proxied.bootstrap, [topic], partitions=1)
-    agent = kafka_agent(tmp_path, proxied.bootstrap, topic, "sent.jsonl", fake_gpus())
+    # A tiny client queue, so the outage also fills it (BufferError) and the spool has to hold the rest.
+    agent = kafka_agent(tmp_path, proxied.bootstrap, topic, "sent.jsonl", fake_gpus(),
+                        kafka_extra={"queue.buffering.max.messages": 8})
     try:
         cycles(agent, 1.0)
         proxied.proxy.cut()
@@ -248,9 +252,11 @@ def test_outage_longer_than_the_producer_buffer_loses_nothing_and_keeps_order(tm
         cycles(agent, 1.0)
         assert sink.drain(30), "the spool did not empty after the broker came back"
         failures = agent.metrics.value("gpusentry_agent_delivery_failures_total", {"error": "_MSG_TIMED_OUT"})
+        queue_full = agent.metrics.value("gpusentry_agent_producer_queue_full_total")
     finally:
         agent.close()
     assert failures > 0, "the outage never outlasted the producer's own buffering"
+    assert queue_full > 0, "the client's queue never filled up"
     sent = produced_ids(tmp_path / "sent.jsonl")
     got = consumed_ids(proxied.bootstrap, topic, len(sent))
     assert len(got) == len(set(got)), "duplicates arrived"
