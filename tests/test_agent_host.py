@@ -332,3 +332,40 @@ def test_vanished_process_is_counted_not_raised():
     events = valid(col._drain())
     assert events[0]["process"]["pid"] == 2**22 + 17
     assert col.metrics.value("gpusentry_agent_processes_vanished_total") == 1
+
+
+def test_dns_only_capture_when_no_payload_is_wanted():
+    if not PRIVILEGED:
+        pytest.skip("packet capture needs root (CAP_NET_RAW)")
+    from agents.capture import PacketCapture
+
+    cap = PacketCapture(payload_bytes=0)
+    dns_server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server = socket.socket()
+    try:
+        try:
+            dns_server.bind(("127.0.0.53", 53))
+        except OSError:
+            dns_server.bind(("127.0.0.54", 53))
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind(("127.0.0.1", 0))
+        answer = dpkt.dns.DNS(id=9, qr=dpkt.dns.DNS_R, qd=[dpkt.dns.DNS.Q(name="gpu-pool.example.test")],
+                              an=[dpkt.dns.DNS.RR(name="gpu-pool.example.test", type=dpkt.dns.DNS_A, ttl=60,
+                                                  rdata=socket.inet_aton("192.0.2.44"))])
+        dns_server.sendto(bytes(answer), client.getsockname())
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        tcp = socket.create_connection(server.getsockname())
+        tcp.sendall(client_hello("gpu-pool.example.test"))
+        deadline = time.monotonic() + 5
+        while cap.name_of("192.0.2.44") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cap.name_of("192.0.2.44") == "gpu-pool.example.test"
+        # The kernel filter let no TCP packet through: no SYN was seen, no first bytes kept.
+        assert not cap.saw_start((*tcp.getsockname(), *tcp.getpeername()))
+        tcp.close()
+        client.close()
+    finally:
+        cap.close()
+        dns_server.close()
+        server.close()
