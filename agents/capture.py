@@ -205,6 +205,7 @@ class PacketCapture:
         self._answers: list[DnsAnswer] = []
         self.packets = 0
         self.parse_errors = 0
+        self.failed = False
         self._stop = threading.Event()
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         try:
@@ -225,6 +226,14 @@ class PacketCapture:
 
     def _run(self) -> None:
         name_this_thread("gs-capture")
+        try:
+            self._read()
+        except Exception:
+            # Never a silent death: logged with its traceback; the network collector turns capture off.
+            log.exception("packet capture reader failed; flows go on without domain, payload and SNI")
+            self.failed = True
+
+    def _read(self) -> None:
         while not self._stop.is_set():
             ready, _, _ = select.select([self.sock], [], [], 0.5)
             if not ready:

@@ -46,6 +46,7 @@ class NetworkCollector:
         self._owners: dict[int, int] = {}  # socket inode -> pid
         self._waiting: dict[tuple[Any, ...], tuple[SocketEntry, float]] = {}
         self._own_pid = os.getpid()
+        self._parse_errors_reported = 0
         self.diag: SockDiag | None = None
 
     def start(self) -> bool:
@@ -131,6 +132,15 @@ class NetworkCollector:
             self._owners = {i: p for i, p in self._owners.items() if i in live}
         events: list[dict[str, Any]] = []
         cap = self.capture
+        if cap is not None:
+            if cap.parse_errors > self._parse_errors_reported:
+                self.metrics.collector_errors.labels("capture", "unparsable_packet").inc(
+                    cap.parse_errors - self._parse_errors_reported)
+                self._parse_errors_reported = cap.parse_errors
+            if cap.failed:
+                self.metrics.collector_errors.labels("capture", "reader_failed").inc()
+                cap.close()
+                self.capture = cap = None
         for e in sorted(new, key=lambda e: (e.transport, e.local_port, e.remote_ip, e.remote_port)):
             if cap is not None and e.transport == "tcp" and self.payload_bytes and cap.saw_start(self._key(e)):
                 self._waiting[self._key(e)] = (e, now)

@@ -66,6 +66,7 @@ class ProcConnector:
             raise NetlinkUnavailable(f"process-events connector refused ({exc}); needs CAP_NET_ADMIN in the "
                                      "host network namespace") from exc
         self._stop = threading.Event()
+        self.failed = False
         self._thread = threading.Thread(target=self._run, name="gpusentry-proc-connector", daemon=True)
         self._thread.start()
 
@@ -76,6 +77,15 @@ class ProcConnector:
 
     def _run(self) -> None:
         name_this_thread("gs-proc-events")
+        try:
+            self._read()
+        except Exception:
+            # Never a silent death: logged with its traceback, and the collector polls /proc from now on.
+            log.exception("process-events reader failed; the process collector falls back to polling /proc")
+            self.failed = True
+            self._handlers[3]()
+
+    def _read(self) -> None:
         on_fork, on_exec, on_exit, on_overflow = self._handlers
         while not self._stop.is_set():
             try:
@@ -266,6 +276,11 @@ class ProcessCollector:
         return events
 
     def collect(self, now: float) -> list[dict[str, Any]]:
+        if self._connector is not None and self._connector.failed:
+            self.metrics.collector_errors.labels(self.name, "netlink_reader_failed").inc()
+            self._connector.close()
+            self._connector = None
+            self.source = "poll"
         if self._connector is None or self._resync or not self._started:
             with self._lock:
                 self._resync = False

@@ -369,3 +369,34 @@ def test_dns_only_capture_when_no_payload_is_wanted():
         cap.close()
         dns_server.close()
         server.close()
+
+
+def test_netlink_reader_failure_falls_back_to_polling(workdir, caplog):
+    if not PRIVILEGED:
+        pytest.skip("the process-events connector needs root (CAP_NET_ADMIN)")
+    col = ProcessCollector(HOST, metrics=AgentMetrics(), source="netlink")
+    try:
+        col.start()
+    except NetlinkUnavailable as exc:
+        pytest.skip(f"no process-events connector here: {exc}")
+    try:
+        col.collect(time.time())
+        connector = col._connector
+        assert connector is not None
+        with caplog.at_level("ERROR"):
+            connector.sock.close()  # the reader's socket breaks under it
+            deadline = time.monotonic() + 5
+            while not connector.failed and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert connector.failed and "falls back to polling" in caplog.text
+        child = sleeper(workdir, "--fake-flag")
+        try:
+            hits, _ = wait_for(col.collect, lambda e: e["process"]["pid"] == child.pid)
+            assert col.source == "poll"
+            assert col.metrics.value("gpusentry_agent_collector_errors_total",
+                                     {"collector": "process", "reason": "netlink_reader_failed"}) == 1
+        finally:
+            child.kill()
+            child.wait()
+    finally:
+        col.close()
