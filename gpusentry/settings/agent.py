@@ -5,16 +5,16 @@ from __future__ import annotations
 import socket
 from typing import Literal
 
+from pydantic import Field, field_validator
+
+from gpusentry.contract import MAX_PAYLOAD_BYTES
+from gpusentry.settings.base import Section
+
 CollectorName = Literal["gpu", "process", "network"]
 
 
 def _all_collectors() -> list[CollectorName]:
     return ["gpu", "process", "network"]
-
-from pydantic import Field, field_validator
-
-from gpusentry.contract import MAX_PAYLOAD_BYTES
-from gpusentry.settings.base import Section
 
 
 class AgentSettings(Section):
