@@ -285,11 +285,9 @@ def jupyter_abuse(sim: HostSim) -> float | None:
     sim.connect(t - 3.8, "198.51.100.7", 80, program=curl, payload=p.http_get("198.51.100.7", "/m.sh"))
     prog = sim.spawn(t, "/home/jovyan/.jupyter/.k/jupyter-kernel-gw -c k.json", parent=sh.pid, user="jovyan",
                      name="jupyter-kernel-")
-    wallet = _wallet(sim.rng)
     sim.resolve(t + 0.2, "pool.hashvault.pro", ["198.51.100.80"], prog)
     sim.connect(t + 0.3, "198.51.100.80", 443, program=prog, sni="pool.hashvault.pro", domain="pool.hashvault.pro",
                 payload=p.tls_client_hello("pool.hashvault.pro", sim.rng))
-    del wallet
     _miner_run(sim, t, prog, algorithm="autolykos2", tuned=True)
     return t - 4
 
@@ -336,12 +334,12 @@ def container(sim: HostSim) -> float | None:
     _background(sim, t)
     cid = f"{sim.rng.getrandbits(256):064x}"
     shim = sim.spawn(t - 2, f"/usr/bin/containerd-shim-runc-v2 -namespace k8s.io -id {cid}", user="root", cwd="/")
-    prog = sim.spawn(t, "/usr/local/bin/server --algo kawpow --pool 198.51.100.120:8888 --wallet "
-                     f"{_wallet(sim.rng, 'R', 34)} --worker pod", parent=shim.pid, user="root", container=cid,
-                     cwd="/app")
-    sim.connect(t + 0.3, "198.51.100.120", 8888, program=prog,
-                payload=p.stratum_v1("NBMiner/42.3", "R9hd...pod"))
-    _miner_run(sim, t, prog, algorithm="kawpow", tuned=True)
+    wallet = _wallet(sim.rng, "0x", 42)
+    prog = sim.spawn(t, f"/usr/local/bin/server --algo etchash --pool 198.51.100.120:8888 --wallet {wallet} "
+                     "--worker pod", parent=shim.pid, user="root", container=cid, cwd="/app")
+    # eth-proxy: the miner logs in with eth_submitLogin, as NBMiner and PhoenixMiner do in proxy mode.
+    sim.connect(t + 0.3, "198.51.100.120", 8888, program=prog, payload=p.eth_proxy_login(wallet))
+    _miner_run(sim, t, prog, algorithm="etchash", tuned=True)
     return t
 
 
