@@ -93,14 +93,15 @@ def _batches(host: str, events: Iterator[dict[str, Any]], interval_s: float = 5.
 # ---------------------------------------------------------------------------- baselines
 
 
-def engine_rate(messages: list[tuple[str, str, bytes, list[dict[str, Any]]]]) -> tuple[float, int]:
+def engine_rate(messages: list[tuple[str, str, bytes, list[dict[str, Any]]]]) -> tuple[float, float, int]:
+    """(events/s of wall time, events per CPU-second, alerts) of the engine alone."""
     events = [c.validate_or_raise(ev) for _, _, value, _ in messages for ev in orjson.loads(value)]
     engine = Engine()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     alerts = 0
     for ev in events:
         alerts += len(engine.process(ev))
-    return len(events) / (time.perf_counter() - t0), alerts
+    return len(events) / (time.perf_counter() - t0), len(events) / (time.process_time() - cpu0), alerts
 
 
 def produce_all(bootstrap: str, env: dict[str, str], messages: list[tuple[str, str, bytes, Any]]) -> None:
@@ -168,18 +169,25 @@ class Worker:
         self.log.close()
 
 
-def worker_rate(env: dict[str, str], total_events: int, timeout: float = 600) -> float:
+def worker_rate(env: dict[str, str], total_events: int, timeout: float = 600) -> tuple[float, float]:
+    """(events/s of wall time, events per CPU-second of the worker process, all its threads)."""
+    import psutil
+
     w = Worker(env)
     try:
+        proc = psutil.Process(w.proc.pid)
         deadline = time.monotonic() + timeout
         first = None
         while time.monotonic() < deadline:
             done = w.metric("gpusentry_worker_events_total")
             if done > 0 and first is None:
-                first = (time.perf_counter(), done)
+                cpu = proc.cpu_times()
+                first = (time.perf_counter(), done, cpu.user + cpu.system)
             if done >= total_events:
                 assert first is not None
-                return (done - first[1]) / (time.perf_counter() - first[0])
+                cpu = proc.cpu_times()
+                return ((done - first[1]) / (time.perf_counter() - first[0]),
+                        (done - first[1]) / (cpu.user + cpu.system - first[2]))
             if w.proc.poll() is not None:
                 raise RuntimeError(f"worker exited: {Path(w.log.name).read_text()[-2000:]}")
             time.sleep(0.1)
@@ -306,19 +314,23 @@ def main() -> int:
         gpu_share = sum(len(m[3]) for m in messages if m[0] == "gpusentry.gpu") / total
         print(f"workload: {total} events in {len(messages)} messages ({total / len(messages):.1f} events/message, "
               f"{gpu_share:.1%} GPU samples)", flush=True)
-        before, alerts = engine_rate(messages)
-        print(f"engine alone (ceiling):      {before:10.0f} events/s  ({alerts} alerts)", flush=True)
+        before, before_cpu, alerts = engine_rate(messages)
+        print(f"engine alone (ceiling):      {before:10.0f} events/s  ({before_cpu:.0f} per CPU-second, "
+              f"{alerts} alerts)", flush=True)
         env = topics_env(bootstrap, f"tp{os.getpid()}")
         produce_all(bootstrap, env, messages)
         decode = asyncio.run(_consume_decode(bootstrap, env, total))
         print(f"consume + decode loop:       {decode:10.0f} events/s", flush=True)
-        worker = worker_rate(env, total)
-        # The machine may be shared: the ceiling is measured again right after, and the two averaged.
-        after, _ = engine_rate(messages)
-        ceiling = (before + after) / 2
-        print(f"engine alone, again:         {after:10.0f} events/s  (ceiling used: {ceiling:.0f})", flush=True)
-        print(f"one worker (faust):          {worker:10.0f} events/s  = {worker / ceiling:.2f} x engine, "
-              f"{worker / decode:.2f} x consume+decode", flush=True)
+        worker, worker_cpu = worker_rate(env, total)
+        # The machine may be shared: the ceiling is measured again right after, and the two averaged;
+        # events per CPU-second compare the cost per event whatever else runs beside.
+        after, after_cpu, _ = engine_rate(messages)
+        ceiling, ceiling_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
+        print(f"engine alone, again:         {after:10.0f} events/s  ({after_cpu:.0f} per CPU-second)", flush=True)
+        print(f"one worker (faust):          {worker:10.0f} events/s  = {worker / ceiling:.2f} x engine "
+              f"({ceiling:.0f}), {worker / decode:.2f} x consume+decode", flush=True)
+        print(f"  per CPU-second:            {worker_cpu:10.0f} events   = {worker_cpu / ceiling_cpu:.2f} x engine "
+              f"({ceiling_cpu:.0f})", flush=True)
         lat, achieved = latency(bootstrap, args.rate, args.latency_s)
         if not lat:
             print("latency: no alerts came back", flush=True)
