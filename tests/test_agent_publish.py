@@ -288,3 +288,31 @@ def test_agent_restarted_while_the_broker_is_unreachable_resends_its_spool(tmp_p
     got = consumed_ids(proxied.bootstrap, topic, len(sent))
     assert len(got) == len(set(got)), "duplicates arrived"
     assert got == sent, "the spooled events did not arrive first, once each, in order"
+
+
+def test_producer_settings_and_secrets_stay_out_of_logs(tmp_path, caplog):
+    from gpusentry.config import load_config
+
+    cfg = load_config(None, environ={
+        "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1",  # nothing listens there
+        "GPUSENTRY_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT", "GPUSENTRY_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+        "GPUSENTRY_KAFKA__SASL_USERNAME": "agent", "GPUSENTRY_KAFKA__SASL_PASSWORD": "s3cret-pw",
+        "GPUSENTRY_AGENT__COLLECTORS": '["gpu"]', "GPUSENTRY_AGENT__MESSAGE_TIMEOUT_MS": "1000",
+        "GPUSENTRY_AGENT__HOST_NAME": HOST, "GPUSENTRY_AGENT__SPOOL_DIR": str(tmp_path / "spool")})
+    with caplog.at_level("DEBUG"):
+        agent = Agent(cfg, outputs=["kafka"], nvml=fake_gpus(1).module(), strict=True)
+        agent.start()
+        agent.run_cycle()
+        sink = agent.kafka_sink()
+        assert sink is not None
+        conf = sink.config
+        assert conf["enable.idempotence"] is True and conf["acks"] == "all" and conf["compression.type"] == "lz4"
+        assert conf["sasl.mechanism"] == "SCRAM-SHA-512" and conf["sasl.username"] == "agent"
+        assert conf["security.protocol"] == "SASL_PLAINTEXT"
+        agent.close(timeout=1)
+    assert "s3cret-pw" not in caplog.text
+    assert "s3cret-pw" not in repr(cfg) and "s3cret-pw" not in cfg.model_dump_json()
+    # The undelivered cycle stays spooled for the next start.
+    left = Spool(tmp_path / "spool", 1 << 30)
+    assert left.pending == 1
+    left.close()
