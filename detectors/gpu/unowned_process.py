@@ -11,12 +11,13 @@ from detectors.examples import proc
 from detectors.gpu._examples import TRAINER, gproc, idle, mining, training
 from detectors.gpu._ownership import Allowlist, ProcessTable, describe, process_fields, program_of
 from detectors.gpu._window import read_sample
-from gpusentry.contract import Dataset, event_time
+from gpusentry.contract import Dataset
 
 # While an unowned process stays on a GPU its finding is repeated this often (event time), so the
 # incident stays open (it resolves after [detection] resolve_after_s without evidence).
 REPEAT_S = 120.0
 MAX_TRACKED = 64  # unowned pids remembered per host
+MAX_LEARNED = 1024  # programs learned per host during the learning period
 
 
 @dataclass
@@ -93,7 +94,7 @@ class UnownedGpuProcess(Detector):
                 continue
             info = table.get(p.pid)
             program = program_of(p, info)
-            if learning and program:
+            if learning and program and len(state.learned_programs) < MAX_LEARNED:
                 state.learned_programs.add(program)
             if gpu.job and any(a in gpu.job for a in table.ancestors(p.pid)):
                 gpu.job.add(p.pid)  # a child of the job (dataloader worker, rank): part of it
@@ -115,19 +116,18 @@ class UnownedGpuProcess(Detector):
             if len(state.reported) > MAX_TRACKED:
                 del state.reported[next(iter(state.reported))]
             identified = p.executable or p.name or (info is not None and (info.executable or info.name))
-            if gpu.job:
+            if not identified:  # e.g. gone before the agent could read /proc: too little to go on
+                severity = "low"
+                message = f"an unidentified process (pid {p.pid}) uses GPU {s.index}"
+            elif gpu.job:
                 severity = "high"
                 message = (f"{describe(p, info)} shares GPU {s.index} with the job {gpu.job_program} "
                            f"(pid {min(gpu.job)}) and is not part of it")
-            elif identified:
+            else:
                 severity = "medium"
                 message = f"{describe(p, info)} uses GPU {s.index}; no known job or allowed program owns it"
-            else:
-                severity = "low"
-                message = f"an unidentified process (pid {p.pid}) uses GPU {s.index}"
             fields = process_fields(p, info)
             fields.update({"gpu.index": s.index, "gpu.uuid": s.uuid})
-            findings.append(self.finding(event, message, timestamp=event_time(event), severity=severity,
-                                         fields=fields))
+            findings.append(self.finding(event, message, timestamp=s.ts, severity=severity, fields=fields))
         return findings
 
