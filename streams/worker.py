@@ -121,6 +121,9 @@ class PipelineService(mode.Service):
 
 
 def run_worker(cfg: Config, *, create_topics: bool = False) -> int:
+    if not cfg.kafka.bootstrap_servers:
+        raise ValueError("kafka.bootstrap_servers is empty; set it (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS=host:9092), "
+                         "or use `gpusentry up`, which starts the embedded broker")
     ensure_topics(cfg, create=create_topics)
     wa = build_app(cfg)
     service = PipelineService(wa)
