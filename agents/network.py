@@ -129,7 +129,8 @@ class NetworkCollector:
             self._owners.update(self.procfs.socket_owners(unknown, live, recheck=self._live_inodes))
         if fresh and self._owners:
             live = live if live is not None else {self._inode(k) for k in keys}
-            self._owners = {i: p for i, p in self._owners.items() if i in live}
+            keep = live | {e.inode for e, _ in self._waiting.values()}
+            self._owners = {i: p for i, p in self._owners.items() if i in keep}
         events: list[dict[str, Any]] = []
         cap = self.capture
         if cap is not None:
@@ -193,7 +194,8 @@ class NetworkCollector:
             inode = udp_by_port.get(a.client_port)
             pid = None
             if inode:
-                pid = self._owners.get(inode) or self.procfs.socket_owners({inode}, full=True).get(inode)
+                # Cached walk only: a DNS answer must not cost a read of every fd on the host.
+                pid = self._owners.get(inode) or self.procfs.socket_owners({inode}, reread=False).get(inode)
             name = self.procfs.comm(pid) if pid is not None else None
             out.append(dns_event(self.host_name, a.timestamp, question=a.question, resolved_ips=a.addresses,
                                  pid=pid, process_name=name))

@@ -160,7 +160,7 @@ class ProcFS:
     # ------------------------------------------------------------------ sockets
 
     def socket_owners(self, wanted: set[int], live: set[int] | None = None, *, full: bool = False,
-                      recheck: Callable[[], set[int]] | None = None) -> dict[int, int]:
+                      recheck: Callable[[], set[int]] | None = None, reread: bool = True) -> dict[int, int]:
         """Socket inode -> pid for the ``wanted`` inodes, from the /proc/PID/fd links.
 
         This is the expensive read (a readlink per open file), so it is made cheap three ways: each
@@ -168,7 +168,7 @@ class ProcFS:
         ``live``, are read again; processes that owned sockets before, then the newest processes, are
         searched first; the walk stops as soon as every wanted inode is found.  An inode the cached
         walk misses (its fd number held a file when last read) gets one walk that reads every fd again;
-        ``full=True`` starts with that walk.  ``recheck`` returns the inodes still open: it is asked
+        ``full=True`` starts with that walk, ``reread=False`` skips it.  ``recheck`` returns the inodes still open: it is asked
         before each walk over processes not known to own sockets, so that a flow that already closed
         does not cost a walk over every process.
         """
@@ -182,7 +182,7 @@ class ProcFS:
             del self._fd_cache[pid]
             self._socket_pids.discard(pid)
         pids.sort(key=lambda p: (p not in self._socket_pids, -p))
-        for reread in ((True,) if full else (False, True)):
+        for reread_all in ((True,) if full else (False, True) if reread else (False,)):
             checked = recheck is None
             for pid in pids:
                 if not checked and pid not in self._socket_pids:
@@ -190,7 +190,7 @@ class ProcFS:
                     remaining &= recheck()  # type: ignore[misc]  # checked is False only when recheck is set
                 if not remaining:
                     return owners
-                self._scan_fds(pid, remaining, owners, live, reread)
+                self._scan_fds(pid, remaining, owners, live, reread_all)
             if not remaining:
                 break
         return owners
