@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from agents.metrics import AgentMetrics
-from agents.procfs import ProcFS
+from agents.procfs import ProcessInfo, ProcFS
 from gpusentry.contract import gpu_event
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class GpuCollector:
         self.devices: list[Device] = []
         self._next_retry = 0.0
         self._absent_logged: set[tuple[str, str]] = set()
+        self._proc_cache: dict[int, ProcessInfo] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -285,6 +286,22 @@ class GpuCollector:
             pcie_tx_bytes_per_s=tx_kb * 1024 if tx_kb is not None else None,
             processes=processes)
 
+    def _process_info(self, pid: int) -> ProcessInfo | None:
+        """/proc details of a GPU process, cached while the pid keeps its start time (one read per cycle)."""
+        st = self.procfs.stat(pid)
+        if st is None:
+            self._proc_cache.pop(pid, None)
+            return None
+        cached = self._proc_cache.get(pid)
+        if cached is not None and cached.start_time == st[2]:
+            return cached
+        info = self.procfs.process(pid)
+        if info is not None:
+            if len(self._proc_cache) > 4096:
+                self._proc_cache.clear()
+            self._proc_cache[pid] = info
+        return info
+
     def _processes(self, dev: Device) -> list[dict[str, Any]]:
         nv = self.nvml
         assert nv is not None
@@ -308,7 +325,7 @@ class GpuCollector:
                 dev.last_sample_us = max(dev.last_sample_us, s.timeStamp)
         out = []
         for pid, used in sorted(by_pid.items()):
-            info = self.procfs.process(pid)
+            info = self._process_info(pid)
             out.append({"pid": pid, "used_memory_bytes": used, "sm_pct": sm.get(pid),
                         "name": info.name if info else None, "executable": info.executable if info else None,
                         "command_line": info.command_line if info else None})

@@ -22,6 +22,7 @@ way the real ones do:
 from __future__ import annotations
 
 import types
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,7 @@ class FakeNvml:
         self.refcount = 0
         self.generation = 0  # bumped by a driver reload: old sessions and handles go stale
         self.session = -1
-        self.calls: list[str] = []
+        self.calls: deque[str] = deque(maxlen=100_000)  # the latest calls, for tests that check call order
 
     # ---------------------------------------------------------------- test controls
 
