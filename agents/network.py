@@ -42,7 +42,7 @@ class NetworkCollector:
         self.payload_wait_s = payload_wait_s
         self.net_root = net_root
         self.capture: PacketCapture | None = None
-        self._seen: set[Any] = set()
+        self._seen: dict[Any, int] = {}  # key of every socket in the last table -> its inode
         self._owners: dict[int, int] = {}  # socket inode -> pid
         self._waiting: dict[tuple[Any, ...], tuple[SocketEntry, float]] = {}
         self._own_pid = os.getpid()
@@ -116,20 +116,22 @@ class NetworkCollector:
         # A steady cycle is one dump and one set difference; only sockets not seen before are decoded.
         table = self._table()
         keys = table.keys()
-        fresh = keys - self._seen
-        self._seen = set(keys)
+        fresh = keys - self._seen.keys()
         new: list[SocketEntry] = []
+        if fresh or len(keys) != len(self._seen):
+            for k in self._seen.keys() - keys:
+                del self._seen[k]
+            for k in fresh:
+                self._seen[k] = self._inode(k)
         if fresh:
             listening = self._listening(table)
             new = [e for e in (self._decode(k, table[k]) for k in fresh) if self._is_outbound(e, listening)]
-        live: set[int] | None = None
         unknown = {e.inode for e in new if e.inode and e.inode not in self._owners}
         if unknown:
-            live = {self._inode(k) for k in keys}
+            live = set(self._seen.values())
             self._owners.update(self.procfs.socket_owners(unknown, live, recheck=self._live_inodes))
-        if fresh and self._owners:
-            live = live if live is not None else {self._inode(k) for k in keys}
-            keep = live | {e.inode for e, _ in self._waiting.values()}
+        if len(self._owners) > 2 * len(keys) + 256:  # forget the owners of closed sockets now and then
+            keep = set(self._seen.values()) | {e.inode for e, _ in self._waiting.values()}
             self._owners = {i: p for i, p in self._owners.items() if i in keep}
         events: list[dict[str, Any]] = []
         cap = self.capture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,8 +234,6 @@ class KafkaSink:
 
     def drain(self, timeout: float) -> bool:
         """Send what the spool holds until it is empty or ``timeout`` passes; True when empty."""
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
