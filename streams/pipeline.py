@@ -4,14 +4,16 @@ No faust here (the faust agent in :mod:`streams.agents` only feeds messages in),
 logic (that is :class:`detectors.engine.Engine`).  What this module owns is delivery:
 
 * **State per input partition.**  All of a host's events share a partition number across the four
-  event topics (keyed by ``host.name``, co-partitioned), so partition *p*'s hosts, their engine state
-  and the input offsets that state covers form one checkpoint, written as one record to partition *p*
-  of the checkpoint topic every ``worker.checkpoint_interval_s`` and on rebalance and shutdown.
+  event topics (keyed by ``host.name``, co-partitioned), so partition *p*'s hosts form one checkpoint,
+  written as one record to partition *p* of the checkpoint topic every ``worker.checkpoint_interval_s``
+  and on rebalance and shutdown.  Each host's snapshot is taken right after one of its own messages (at
+  most once per interval) and records the input offsets it covers, so no checkpoint stalls the stream
+  to snapshot every host at once.
 * **Offsets after state.**  A message is acknowledged to faust (and so becomes committable) only
   after a checkpoint that covers it is on the broker, and that checkpoint is written only after every
   alert and dead letter sent before it is acknowledged by the broker.  A killed worker therefore
-  loses nothing: its successor restores the checkpoint, skips input the checkpoint already covers,
-  and replays the rest.
+  loses nothing: its successor restores the checkpoint, skips each host's input its snapshot already
+  covers, and replays the rest.
 * **No doubled incident updates.**  Replaying regenerates the alerts sent between the checkpoint and
   the kill (event time drives the engine, and an alert's ``event.id`` is a digest of its incident, status,
   evidence count and event time).  On restore the alerts topic is read from the end offsets recorded in
@@ -40,7 +42,7 @@ from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 # Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
 MAX_ORIGINAL_BYTES = 64 * 1024
 
@@ -72,12 +74,16 @@ class KafkaIO(Protocol):
 @dataclass
 class PartitionState:
     number: int
-    offsets: dict[str, int] = field(default_factory=dict)  # topic -> next offset the engine state covers
-    hosts: set[str] = field(default_factory=set)
-    # Each host's last snapshot (zlib-compressed), re-taken only for hosts that saw events since.
+    offsets: dict[str, int] = field(default_factory=dict)  # topic -> next offset processed here
+    # Each host's last snapshot (zlib-compressed pickle) and the offsets of its partition it covers.
+    # Hosts are snapshotted one at a time, at most once per checkpoint interval, right after one of
+    # their messages, so the cost is spread over the stream instead of stalling it at checkpoints.
     blobs: dict[str, bytes] = field(default_factory=dict)
-    changed: set[str] = field(default_factory=set)
-    pending_acks: list[Callable[[], Any]] = field(default_factory=list)
+    covered: dict[str, dict[str, int]] = field(default_factory=dict)
+    snapshot_at: dict[str, float] = field(default_factory=dict)  # monotonic time of the host's snapshot
+    changed: set[str] = field(default_factory=set)  # hosts with events after their snapshot
+    # (hosts of the message, topic, offset, ack): acknowledged once a written checkpoint covers them.
+    pending: list[tuple[tuple[str, ...], str, int, Callable[[], Any]]] = field(default_factory=list)
     dirty: bool = False
     last_checkpoint: float = 0.0  # monotonic
 
@@ -129,11 +135,6 @@ class Pipeline:
             part = self.partitions.get(partition)
             if part is None:
                 part = await self._restore(partition)
-            if offset < part.offsets.get(topic, 0):
-                # Already inside the restored checkpoint: replaying it would count it twice.
-                self.stats["skipped"] += 1
-                ack()
-                return
             started = time.perf_counter()
             self.metrics.messages.labels(topic).inc()
             self.stats["messages"] += 1
@@ -143,9 +144,17 @@ class Pipeline:
                 await self._dead_letter_reject(reject, topic, partition, offset, key, value)
             engine = self.engine
             last_ts = None
-            changed = part.changed
+            hosts: list[str] = []
+            covered = part.covered
             for event in decoded.events:
-                changed.add(event["host"]["name"])
+                host = event["host"]["name"]
+                upto = covered.get(host)
+                if upto is not None and offset < upto.get(topic, 0):
+                    # Already in this host's restored snapshot: replaying it would count it twice.
+                    self.stats["skipped"] += 1
+                    continue
+                if not hosts or hosts[-1] != host:
+                    hosts.append(host)
                 alerts = engine.process(event)
                 if engine.failures:
                     for failure in engine.drain_failures():
@@ -157,14 +166,25 @@ class Pipeline:
                 self.metrics.events.labels(topic).inc(len(decoded.events))
                 self.stats["events"] += len(decoded.events)
             part.offsets[topic] = offset + 1
-            part.pending_acks.append(ack)
+            unique = tuple(dict.fromkeys(hosts))
+            part.pending.append((unique, topic, offset, ack))
             part.dirty = True
-            now = time.time()
+            now = time.monotonic()
+            for host in unique:
+                part.changed.add(host)
+                if now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s:
+                    self._snapshot(part, host, now)
             if last_ts is not None:
-                self.metrics.event_delay.observe(max(0.0, now - parse_timestamp(last_ts)))
+                self.metrics.event_delay.observe(max(0.0, time.time() - parse_timestamp(last_ts)))
             self.metrics.processing.observe(time.perf_counter() - started)
-            if time.monotonic() - part.last_checkpoint >= self.checkpoint_interval_s:
+            if now - part.last_checkpoint >= self.checkpoint_interval_s:
                 await self._checkpoint(part)
+
+    def _snapshot(self, part: PartitionState, host: str, now: float) -> None:
+        part.blobs[host] = zlib.compress(self.engine.snapshot_host(host), 1)
+        part.covered[host] = dict(part.offsets)
+        part.snapshot_at[host] = now
+        part.changed.discard(host)
 
     async def _publish(self, alert: dict[str, Any]) -> None:
         alert_id = alert["event"]["id"]
@@ -248,21 +268,29 @@ class Pipeline:
         if inflight:
             await asyncio.gather(*inflight)
 
-    async def _checkpoint(self, part: PartitionState) -> None:
-        # 1. everything sent so far is on the broker; 2. the state and offsets; 3. only then the acks.
+    async def _checkpoint(self, part: PartitionState, *, complete: bool = False) -> None:
+        """Write partition ``part``'s snapshots; ``complete`` first re-snapshots every changed host."""
+        # 1. everything sent so far is on the broker; 2. the snapshots and what they cover; 3. the acks.
         await self._await_inflight()
+        now = time.monotonic()
+        for host in list(part.changed):
+            # Busy hosts were snapshotted after their own messages; these went quiet since.
+            if complete or now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s:
+                self._snapshot(part, host, now)
         marks = await self.io.alert_end_offsets()
-        for host in part.changed:
-            part.blobs[host] = zlib.compress(self.engine.snapshot_host(host), 1)
-        part.hosts |= part.changed
-        part.changed = set()
         record = {"format": CHECKPOINT_FORMAT, "partition": part.number, "offsets": part.offsets,
-                  "hosts": part.blobs, "alert_marks": marks, "written_at": time.time(), "worker": self.worker_id}
+                  "hosts": part.blobs, "covered": part.covered, "alert_marks": marks, "written_at": time.time(),
+                  "worker": self.worker_id}
         await self.io.write_checkpoint(part.number, pickle.dumps(record, pickle.HIGHEST_PROTOCOL))
         self.metrics.checkpoints.inc()
-        acks, part.pending_acks = part.pending_acks, []
-        for ack in acks:
-            ack()
+        waiting = []
+        for item in part.pending:
+            hosts, topic, offset, ack = item
+            if all(offset < part.covered.get(h, {}).get(topic, 0) for h in hosts):
+                ack()
+            else:
+                waiting.append(item)
+        part.pending = waiting
         part.dirty = False
         part.last_checkpoint = time.monotonic()
 
@@ -272,9 +300,9 @@ class Pipeline:
         async with self.lock:
             now = time.monotonic()
             for part in list(self.partitions.values()):
-                if (part.dirty or part.pending_acks) and (
+                if (part.dirty or part.pending) and (
                         force or now - part.last_checkpoint >= self.checkpoint_interval_s):
-                    await self._checkpoint(part)
+                    await self._checkpoint(part, complete=force)
                     written += 1
         return written
 
@@ -289,14 +317,16 @@ class Pipeline:
                 raise RuntimeError(f"checkpoint of partition {number} has format {record.get('format')}; "
                                    f"this worker reads format {CHECKPOINT_FORMAT}: delete the checkpoint topic "
                                    "to start from scratch")
+            now = time.monotonic()
             for host, host_blob in record["hosts"].items():
                 self.engine.restore_host(host, zlib.decompress(host_blob))
-                part.hosts.add(host)
                 part.blobs[host] = host_blob
+                part.covered[host] = dict(record["covered"][host])
+                part.snapshot_at[host] = now
             part.offsets = dict(record["offsets"])
             marks = record["alert_marks"]
             self.metrics.restores.inc()
-            log.info("restored partition %d: %d hosts, offsets %s (checkpoint by %s)", number, len(part.hosts),
+            log.info("restored partition %d: %d hosts, offsets %s (checkpoint by %s)", number, len(part.blobs),
                      part.offsets, record.get("worker"))
         if marks is not None:
             await self._load_published(marks)
@@ -335,9 +365,9 @@ class Pipeline:
                 part = self.partitions.pop(n, None)
                 if part is None:
                     continue
-                if part.dirty or part.pending_acks:
-                    await self._checkpoint(part)
-                for host in part.hosts | part.changed:
+                if part.dirty or part.pending or part.changed:
+                    await self._checkpoint(part, complete=True)
+                for host in set(part.blobs) | part.changed:
                     self.engine.forget_host(host)
             if not self.partitions:
                 self._published_ids.clear()

@@ -131,7 +131,7 @@ def test_restore_skips_covered_input_and_does_not_republish():
         for off, v in enumerate(values):  # the consumer restarts from an older committed offset
             await second.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
         await io.flush()
-        assert second.stats["skipped"] == 21
+        assert second.stats["skipped"] == sum(len(orjson.loads(v)) for v in values[:21])
         return io
 
     io = run(go())
