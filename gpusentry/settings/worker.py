@@ -11,9 +11,9 @@ class WorkerSettings(Section):
     app_id: str = Field("gpusentry", description="faust application id: the consumer group and the "
                         "prefix of its checkpoint topic. Workers with the same id share the work.")
     checkpoint_interval_s: float = Field(
-        5.0, gt=0, le=600, description="Seconds between checkpoints of a partition's detector state (and the "
+        10.0, gt=0, le=600, description="Seconds between checkpoints of a partition's detector state (and the "
         "input offsets it covers). A killed worker's successor replays about this much input; shorter costs "
-        "more snapshots (each changed host's state is pickled once per checkpoint).")
+        "more CPU (each active host's state is pickled once per interval).")
     checkpoint_max_bytes: int = Field(
         16 * 1024 * 1024, ge=1024 * 1024, description="Largest checkpoint record (one per input partition); "
         "the checkpoint topic is created with this `max.message.bytes`.")
