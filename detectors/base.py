@@ -80,6 +80,17 @@ class Detector:
         """Empty per-host state (``None`` for stateless detectors)."""
         return None
 
+    def new_host_state(self, shared: dict[str, Any]) -> Any:
+        """Empty per-host state inside an engine: ``shared`` is one dict per host, passed to every detector.
+
+        Detectors that summarise the same input the same way (the GPU detectors' per-GPU windows
+        and process table) keep one object in ``shared`` and reference it from their states, so
+        the work is done once per host; pickling the host's state keeps the sharing.  A shared
+        object must give every detector the same answer however many of them feed it the same
+        event.  Default: :meth:`new_state`, nothing shared.
+        """
+        return self.new_state()
+
     def process(self, event: dict[str, Any], state: Any) -> Iterable[Finding]:
         raise NotImplementedError
 

@@ -40,6 +40,7 @@ TECHNIQUE_REFERENCES = {"T1496": "https://attack.mitre.org/techniques/T1496/",
 TACTIC = ("TA0040", "Impact", "https://attack.mitre.org/tactics/TA0040/")
 # Gaps longer than this between two samples of a GPU are not counted as stolen time.
 MAX_SAMPLE_GAP_S = 60.0
+_GPU = Dataset.GPU.value  # an enum member's .value is a slow lookup, and this runs for every event
 # rule.* of an incident whose strongest evidence comes from a rule the correlator has no metadata for.
 RULE_ID = "gpusentry.incident"
 RULE_NAME = "GPU/compute hijacking incident"
@@ -120,7 +121,7 @@ class Correlator:
                 state: HostIncidents) -> list[dict[str, Any]]:
         alerts: list[dict[str, Any]] = []
         inc = state.current
-        is_gpu = event["event"]["dataset"] == Dataset.GPU.value
+        is_gpu = event["event"]["dataset"] == _GPU
         if is_gpu:
             gpu = event.get("gpu")
             if isinstance(gpu, dict):

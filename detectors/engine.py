@@ -99,8 +99,9 @@ class Engine:
     def _host(self, name: str) -> HostState:
         state = self.hosts.get(name)
         if state is None:
+            shared: dict[str, Any] = {}  # what this host's detectors compute once for all (Detector.new_host_state)
             state = self.hosts[name] = HostState(
-                detector_states={d.id: d.new_state() for d in self.detectors})
+                detector_states={d.id: d.new_host_state(shared) for d in self.detectors})
         return state
 
     def process(self, event: dict[str, Any]) -> list[dict[str, Any]]:

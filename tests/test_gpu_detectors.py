@@ -169,3 +169,36 @@ def test_gpu_detectors_never_raise_on_odd_numbers(samples):
         for det, state in zip(dets, states, strict=True):
             for f in det.process(checked, state):
                 assert 0.0 <= f.score <= 1.0
+
+
+def test_detectors_sharing_a_hosts_windows_and_process_table_find_what_each_finds_alone():
+    """Inside an engine the GPU detectors share per-host windows and a process table; that is only speed."""
+    from gpusentry.simulate import simulate_host
+
+    dets = [cls() for cls in discover() if cls.id.startswith("gpu.")]
+
+    def key(f):
+        return (f.rule_id, f.event_id, f.severity, f.message, round(f.score, 9))
+
+    found = set()
+    for scenario in ("shares-training", "duty-cycled", "idle-then-job", "miner-blatant"):
+        events = [c.validate_or_raise(e) for e in simulate_host(scenario, "h1", start=1.79e9, duration_s=900,
+                                                                interval_s=3, seed=5, gpus=2)[1]]
+        alone = {d.id: d.new_state() for d in dets}
+        shared: dict = {}
+        together = {d.id: d.new_host_state(shared) for d in dets}
+        assert together["gpu.drift"].windows is together["gpu.mining_signature"].windows
+        assert together["gpu.unowned_process"].table is together["gpu.duty_cycle"].table
+        expected, got = [], []
+        for ev in events:
+            for d in dets:
+                if ev["event"]["dataset"] not in {ds.value for ds in d.datasets}:
+                    continue
+                expected += [key(f) for f in d.process(ev, alone[d.id])]
+                got += [key(f) for f in d.process(ev, together[d.id])]
+        assert got == expected, scenario
+        found |= {k[0] for k in expected}
+        restored = pickle.loads(pickle.dumps(together))
+        assert restored["gpu.drift"].windows is restored["gpu.behaviour_anomaly"].windows, "checkpoints keep sharing"
+        assert len(pickle.dumps(together)) < len(pickle.dumps(alone))
+    assert found >= {"gpu.unowned_process", "gpu.mining_signature", "gpu.duty_cycle"}

@@ -153,3 +153,35 @@ def test_mining_signature_separates_miners_from_burn_in():
     for x in (burn, burn):
         burn_sig.learn_one(x)
     assert burn_sig.score_one(burn) <= 0.55
+
+
+def test_half_space_trees_score_exactly_as_river():
+    """The flat-mass trees are river's algorithm: same splits, same scores, pivot for pivot."""
+    from river import anomaly
+
+    from detectors.gpu._models import BEHAVIOUR_SCALES, HalfSpaceTrees
+
+    features = tuple(BEHAVIOUR_SCALES)
+    for n_trees, height, window_size, seed in ((10, 6, 20, 42), (3, 4, 7, 1), (5, 8, 30, 99)):
+        ours = HalfSpaceTrees(features, n_trees=n_trees, height=height, window_size=window_size, seed=seed)
+        theirs = anomaly.HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, seed=seed)
+        rng = random.Random(seed)
+        for i in range(8 * window_size):
+            # Phases of different behaviour, so the reference masses differ between pivots.
+            centre = 0.2 if (i // 25) % 3 else 0.75
+            x = {k: min(1.0, max(0.0, rng.gauss(centre, 0.15))) for k in features}
+            assert ours.score_one(x) == theirs.score_one(x), f"window {i}"
+            if rng.random() < 0.9:  # flagged points are not learned: the paths must not go stale
+                ours.learn_one(x)
+                theirs.learn_one(x)
+
+
+def test_half_space_trees_pickle_small_and_share_their_shapes():
+    from detectors.gpu._models import HalfSpaceBehaviour
+
+    model = trained(HalfSpaceBehaviour, 100)
+    blob = pickle.dumps(model)
+    assert len(blob) < 8 * 1024, f"{len(blob)} bytes: only the mass counts should be pickled"
+    twin = pickle.loads(blob)
+    x = window(random.Random(9))
+    assert twin.score_one(x) == model.score_one(x)

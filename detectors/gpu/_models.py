@@ -16,11 +16,13 @@ Every model here follows river's anomaly-detector interface so the same check su
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from river import anomaly, drift
+from river import drift
+from river.tree.padded import PaddedBranch, make_padded_tree
 
 Features = Mapping[str, float | None]
 
@@ -62,8 +64,129 @@ BEHAVIOUR_SCALES: dict[str, float] = {
 }
 
 
+# Tree shapes (split feature and threshold of every inner node) by (n_trees, height, seed,
+# features).  They depend on nothing but these, so every GPU with the same settings has the
+# same shapes: built once per process, never pickled.
+_SHAPES: dict[tuple[int, int, int, tuple[str, ...]], tuple[list[int], list[float]]] = {}
+
+
+def _tree_shapes(n_trees: int, height: int, seed: int, features: tuple[str, ...]) -> tuple[list[int], list[float]]:
+    """Inner nodes of river's half-space trees in heap order (children of ``i`` at ``2i+1``, ``2i+2``).
+
+    Built by river's own ``make_padded_tree`` with the random draws ``HalfSpaceTrees`` makes
+    (one ``Random(seed)`` for all trees, features in sorted order, 15 % padding), so the splits are
+    exactly those river would pick.
+    """
+    key = (n_trees, height, seed, features)
+    shapes = _SHAPES.get(key)
+    if shapes is None:
+        rng = random.Random(seed)
+        index = {name: i for i, name in enumerate(features)}
+        inner = 2**height - 1
+        split_feature: list[int] = []
+        split_at: list[float] = []
+        for _ in range(n_trees):
+            root = make_padded_tree(limits={name: (0.0, 1.0) for name in features}, height=height, padding=0.15,
+                                    rng=rng, r_mass=0, l_mass=0)
+            tree_feature, tree_at = [0] * inner, [0.0] * inner
+            todo = [(root, 0)]
+            while todo:
+                node, i = todo.pop()
+                if isinstance(node, PaddedBranch):
+                    tree_feature[i], tree_at[i] = index[node.feature], node.threshold
+                    todo += [(node.children[0], 2 * i + 1), (node.children[1], 2 * i + 2)]
+            split_feature += tree_feature
+            split_at += tree_at
+        shapes = _SHAPES[key] = (split_feature, split_at)
+    return shapes
+
+
+class HalfSpaceTrees:
+    """river's ``HalfSpaceTrees`` with the masses in two flat lists and the tree shapes shared.
+
+    The algorithm is river's, step for step (same splits, same mass walk, same early stop at
+    ``0.1 * window_size``, same pivot of the masses every ``window_size`` learned points), so it
+    scores exactly as ``river.anomaly.HalfSpaceTrees`` does on inputs that carry every feature
+    (tests/test_gpu_models.py checks that).  What changes is the cost: river builds ten linked
+    trees of node objects per GPU (about 4 ms, 60 KB pickled); here a GPU's model is its mass
+    counts (two lists of ints, a few KB) and the shapes are built once per process.  The path of
+    the last scored point is kept, so learning it after scoring (river's contract: score, then
+    learn what is not flagged) does not walk the trees again.
+    """
+
+    def __init__(self, features: tuple[str, ...], n_trees: int = 10, height: int = 6, window_size: int = 20,
+                 seed: int = 42) -> None:
+        self.features, self.n_trees, self.height, self.window_size, self.seed = (
+            tuple(sorted(features)), n_trees, height, window_size, seed)
+        nodes = n_trees * (2 ** (height + 1) - 1)
+        self.l_mass = [0] * nodes  # mass of the current window
+        self.r_mass = [0] * nodes  # mass of the last complete window (the reference)
+        self.counter = 0
+        self.first_window = True
+        self._path: tuple[tuple[float, ...], list[int]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_path"] = None
+        return state
+
+    def _walk(self, values: tuple[float, ...]) -> list[int]:
+        """Mass indices of the root-to-leaf path of ``values`` in every tree, tree after tree."""
+        cached = self._path
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        split_feature, split_at = _tree_shapes(self.n_trees, self.height, self.seed, self.features)
+        height = self.height
+        inner = 2**height - 1
+        nodes = 2 * inner + 1
+        path: list[int] = []
+        append = path.append
+        for tree in range(self.n_trees):
+            shape, mass = tree * inner, tree * nodes
+            i = 0
+            append(mass)
+            for _ in range(height):
+                j = shape + i
+                i = 2 * i + 1 if values[split_feature[j]] < split_at[j] else 2 * i + 2
+                append(mass + i)
+        self._path = (values, path)
+        return path
+
+    def values(self, x: Mapping[str, float]) -> tuple[float, ...]:
+        return tuple([x[name] for name in self.features])
+
+    def learn_one(self, x: Mapping[str, float]) -> None:
+        l_mass = self.l_mass
+        for i in self._walk(self.values(x)):
+            l_mass[i] += 1
+        self.counter += 1
+        if self.counter == self.window_size:
+            self.r_mass, self.l_mass = self.l_mass, [0] * len(self.l_mass)
+            self.first_window = False
+            self.counter = 0
+
+    def score_one(self, x: Mapping[str, float]) -> float:
+        if self.first_window:
+            return 0.0
+        path = self._walk(self.values(x))
+        r_mass, height, size_limit = self.r_mass, self.height, 0.1 * self.window_size
+        score = 0.0
+        for start in range(0, len(path), height + 1):
+            depth_pow = 1
+            for k in range(start, start + height):
+                r = r_mass[path[k]]
+                score += r * depth_pow
+                if r < size_limit:
+                    break
+                depth_pow <<= 1
+            else:
+                score += r_mass[path[start + height]] * depth_pow
+        max_score = self.n_trees * self.window_size * (2 ** (self.height + 1) - 1)
+        return 1 - score / max_score
+
+
 class HalfSpaceBehaviour(GpuModel):
-    """What is normal for this GPU: river's HalfSpaceTrees over the scaled window features.
+    """What is normal for this GPU: half-space trees (river's algorithm) over the scaled window features.
 
     A feature a window lacks takes the last value seen for it (or the middle of its range), so
     a sensor that stops reporting does not look like a change of behaviour.
@@ -71,7 +194,8 @@ class HalfSpaceBehaviour(GpuModel):
 
     def __init__(self, n_trees: int = 10, height: int = 6, window_size: int = 20, seed: int = 42) -> None:
         self.n_trees, self.height, self.window_size, self.seed = n_trees, height, window_size, seed
-        self.trees = anomaly.HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, seed=seed)
+        self.trees = HalfSpaceTrees(tuple(BEHAVIOUR_SCALES), n_trees=n_trees, height=height,
+                                    window_size=window_size, seed=seed)
         self.last: dict[str, float] = {}
         self.n_learned = 0
 

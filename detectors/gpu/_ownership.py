@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from detectors.gpu._window import GpuProc
+from detectors.gpu._window import GpuProc, Sample
 from gpusentry.settings.gpu_detection import GpuDetectionSettings
 
 MAX_PROCESSES = 4096  # process-table entries kept per host (oldest dropped first)
@@ -40,18 +40,23 @@ class ProcInfo:
 class ProcessTable:
     """pid -> what the last process ``start`` event said about it (ended pids are dropped)."""
 
-    __slots__ = ("procs",)
+    __slots__ = ("procs", "_last")
 
     def __init__(self) -> None:
         self.procs: dict[int, ProcInfo] = {}
+        self._last: dict[str, Any] | None = None  # the event observed last (detectors of a host share a table)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"procs": self.procs}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.procs = state["procs"]
+        self._last = None
 
     def observe(self, event: dict[str, Any]) -> None:
+        if event is self._last:
+            return  # another detector of this host passed the same event on
+        self._last = event
         p = event.get("process") or {}
         pid = p.get("pid")
         if type(pid) is not int:
@@ -82,8 +87,34 @@ class ProcessTable:
         return out
 
 
+def host_process_table(shared: dict[str, Any]) -> ProcessTable:
+    """The one :class:`ProcessTable` the GPU detectors of a host share (built by the first)."""
+    table = shared.get("gpu.process_table")
+    if not isinstance(table, ProcessTable):
+        table = shared["gpu.process_table"] = ProcessTable()
+    return table
+
+
 class Allowlist:
-    """The configured allowlist, compiled once."""
+    """The configured allowlist, compiled once (:meth:`of` shares one per distinct configuration)."""
+
+    _compiled: dict[tuple[tuple[str, ...], ...], Allowlist] = {}
+
+    @classmethod
+    def of(cls, settings: GpuDetectionSettings) -> Allowlist:
+        """The allowlist of ``settings``: one object per distinct list of globs, names, users and containers.
+
+        Detectors with the same configuration then hold the same object, which lets the verdicts on
+        one sample's processes be worked out once for all of them (:func:`owned_flags`).
+        """
+        key = (tuple(settings.allowed_executables), tuple(settings.allowed_process_names),
+               tuple(settings.allowed_users), tuple(settings.allowed_container_ids))
+        allowlist = cls._compiled.get(key)
+        if allowlist is None:
+            if len(cls._compiled) >= 64:
+                cls._compiled.clear()
+            allowlist = cls._compiled[key] = cls(settings)
+        return allowlist
 
     def __init__(self, settings: GpuDetectionSettings) -> None:
         pattern = "|".join(fnmatch.translate(g) for g in settings.allowed_executables) or r"(?!)"
@@ -117,6 +148,21 @@ class Allowlist:
             if info.container and any(info.container.startswith(c) for c in self._containers if c):
                 return True
         return False
+
+
+def owned_flags(sample: Sample, allowlist: Allowlist, table: ProcessTable) -> list[bool]:
+    """For each of the sample's processes, whether ``allowlist`` owns it (given what ``table`` knows).
+
+    Kept on the sample, so the detectors of a host that share the allowlist and the table (the
+    usual case in an engine) ask the allowlist once per sample rather than once each.
+    """
+    cached = sample.owned
+    if cached is not None and cached[0] is allowlist and cached[1] is table:
+        return cached[2]
+    procs = table.procs
+    flags = [allowlist.allows(p, procs.get(p.pid)) for p in sample.procs or ()]
+    sample.owned = (allowlist, table, flags)
+    return flags
 
 
 def program_of(proc: GpuProc, info: ProcInfo | None) -> str | None:

@@ -53,13 +53,17 @@ class Sample:
     memclk: float | None
     pcie: float | None  # rx + tx bytes/s
     procs: list[GpuProc] | None  # None: not reported
+    # Which of procs the allowlist owns, worked out by the first detector that asks and kept for
+    # the others: (allowlist, process table, one verdict per process); see _ownership.owned_flags.
+    owned: tuple[Any, Any, list[bool]] | None = None
 
 
 def _num(value: Any) -> float | None:
     # bool is an int; the contract rejects it, but a detector must not trust that blindly.
-    if type(value) is float or type(value) is int:
-        return value if math.isfinite(value) else None
-    return None
+    kind = type(value)
+    if kind is float:
+        return value if value - value == 0.0 else None  # inf - inf and nan - nan are nan
+    return value if kind is int else None
 
 
 def _procs(raw: Any) -> list[GpuProc] | None:
@@ -77,7 +81,7 @@ def _procs(raw: Any) -> list[GpuProc] | None:
     return out
 
 
-_last: tuple[int, str, Sample] | None = None
+_last: tuple[dict[str, Any], str, Sample] | None = None
 
 
 def read_sample(event: dict[str, Any]) -> Sample:
@@ -88,7 +92,7 @@ def read_sample(event: dict[str, Any]) -> Sample:
     """
     global _last
     eid = event["event"]["id"]
-    if _last is not None and _last[0] == id(event) and _last[1] == eid:
+    if _last is not None and _last[0] is event and _last[1] == eid:
         return _last[2]
     g = event["gpu"]
     util = g.get("utilization") or {}
@@ -108,7 +112,7 @@ def read_sample(event: dict[str, Any]) -> Sample:
         pcie=None if rx is None and tx is None else (rx or 0.0) + (tx or 0.0),
         procs=_procs(g.get("processes")),
     )
-    _last = (id(event), eid, sample)
+    _last = (event, eid, sample)
     return sample
 
 
@@ -149,7 +153,7 @@ class Window:
 class GpuWindows:
     """Per-GPU tumbling windows; also remembers each GPU's reference maxima (clocks, power limit)."""
 
-    __slots__ = ("window_s", "busy_pct", "_open", "_ref")
+    __slots__ = ("window_s", "busy_pct", "_open", "_ref", "_last")
 
     def __init__(self, window_s: float, busy_pct: float) -> None:
         self.window_s = window_s
@@ -157,16 +161,27 @@ class GpuWindows:
         self._open: dict[str, _Acc] = {}
         # uuid -> [max sm MHz, max mem MHz, max power limit, GPU name]
         self._ref: dict[str, list[Any]] = {}
+        # The last sample added and the window it closed: the detectors of one host share one
+        # GpuWindows (see host_windows), and each adds every sample; only the first add counts.
+        self._last: tuple[Sample, Window | None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"window_s": self.window_s, "busy_pct": self.busy_pct, "_open": self._open, "_ref": self._ref}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self._last = None
         for key, value in state.items():
             setattr(self, key, value)
 
     def add(self, s: Sample) -> Window | None:
-        """Add a sample; return the window it closed, if it is the first of a new one."""
+        """Add a sample; return the window it closed, if it is the first of a new one.
+
+        Adding the sample that was added last (the same object: another detector of the host
+        passing on the event it just saw) changes nothing and returns the same answer.
+        """
+        last = self._last
+        if last is not None and last[0] is s:
+            return last[1]
         start = s.ts - (s.ts % self.window_s)
         acc = self._open.get(s.uuid)
         closed = None
@@ -175,8 +190,10 @@ class GpuWindows:
                 closed = self._close(s.uuid, s.index, acc)
             acc = self._open[s.uuid] = _Acc(start)
         elif start < acc.start:
+            self._last = (s, None)
             return None  # a late sample of a window already closed: too late to count
         self._accumulate(acc, s)
+        self._last = (s, closed)
         return closed
 
     def _accumulate(self, acc: _Acc, s: Sample) -> None:
@@ -267,3 +284,16 @@ class GpuWindows:
             "busy_frac": acc.busy / acc.n_util if acc.n_util else None,
         }
         return Window(uuid, index, acc.start, acc.start + self.window_s, acc.n, features, acc.last_event_id)
+
+
+def host_windows(shared: dict[str, Any], window_s: float, busy_pct: float) -> GpuWindows:
+    """The one :class:`GpuWindows` the windowed GPU detectors of a host share (built by the first).
+
+    Summing each sample into a window once per host rather than once per detector is most of
+    what the GPU detectors cost per sample; the windows and their features are the same for all.
+    """
+    key = f"gpu.windows/{window_s:g}/{busy_pct:g}"
+    windows = shared.get(key)
+    if not isinstance(windows, GpuWindows):
+        windows = shared[key] = GpuWindows(window_s, busy_pct)
+    return windows

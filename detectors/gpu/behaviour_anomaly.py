@@ -9,9 +9,11 @@ from typing import Any, ClassVar
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.gpu._examples import idle, mining, training
 from detectors.gpu._models import HalfSpaceBehaviour
-from detectors.gpu._ownership import Allowlist, ProcessTable
-from detectors.gpu._window import GpuWindows, read_sample
+from detectors.gpu._ownership import Allowlist, ProcessTable, host_process_table, owned_flags
+from detectors.gpu._window import GpuWindows, host_windows, read_sample
 from gpusentry.contract import Dataset
+
+_PROCESS = Dataset.PROCESS.value
 
 
 @dataclass
@@ -53,14 +55,18 @@ class GpuBehaviourAnomaly(Detector):
 
     def __init__(self, settings: Any = None) -> None:
         super().__init__(settings)
-        self.allowlist = Allowlist(self.settings.gpu)
+        self.allowlist = Allowlist.of(self.settings.gpu)
 
     def new_state(self) -> BehaviourState:
         g = self.settings.gpu
         return BehaviourState(GpuWindows(g.window_s, g.busy_gpu_pct))
 
+    def new_host_state(self, shared: dict[str, Any]) -> BehaviourState:
+        g = self.settings.gpu
+        return BehaviourState(host_windows(shared, g.window_s, g.busy_gpu_pct), host_process_table(shared))
+
     def process(self, event: dict[str, Any], state: BehaviourState) -> Iterable[Finding]:
-        if event["event"]["dataset"] == Dataset.PROCESS.value:
+        if event["event"]["dataset"] == _PROCESS:
             state.table.observe(event)
             return ()
         g = self.settings.gpu
@@ -88,7 +94,7 @@ class GpuBehaviourAnomaly(Detector):
         if procs:
             gpu.lists_processes = True
         if gpu.owned and s.util is not None and s.util >= g.busy_gpu_pct:
-            if procs and not all(self.allowlist.allows(p, state.table.get(p.pid)) for p in procs):
+            if procs and not all(owned_flags(s, self.allowlist, state.table)):
                 gpu.owned = False
             elif procs == [] and gpu.lists_processes:
                 gpu.owned = False  # busy with no visible process on a GPU that lists them: nobody we know owns it

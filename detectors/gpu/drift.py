@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.gpu._examples import gpu, idle, mining, training
 from detectors.gpu._models import DriftMonitor
-from detectors.gpu._window import GpuWindows, read_sample
+from detectors.gpu._window import GpuWindows, host_windows, read_sample
 from gpusentry.contract import Dataset
 
 
@@ -44,6 +44,10 @@ class GpuDrift(Detector):
     def new_state(self) -> DriftState:
         g = self.settings.gpu
         return DriftState(GpuWindows(g.window_s, g.busy_gpu_pct))
+
+    def new_host_state(self, shared: dict[str, Any]) -> DriftState:
+        g = self.settings.gpu
+        return DriftState(host_windows(shared, g.window_s, g.busy_gpu_pct))
 
     def process(self, event: dict[str, Any], state: DriftState) -> Iterable[Finding]:
         s = read_sample(event)

@@ -9,9 +9,11 @@ from typing import Any, ClassVar
 
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.gpu._examples import idle, mining, training
-from detectors.gpu._ownership import Allowlist, ProcessTable
+from detectors.gpu._ownership import Allowlist, ProcessTable, host_process_table, owned_flags
 from detectors.gpu._window import read_sample
 from gpusentry.contract import Dataset
+
+_PROCESS = Dataset.PROCESS.value
 
 REPEAT_S = 120.0  # least event time between two findings on one GPU while the pattern lasts
 MAX_CYCLES = 64
@@ -65,13 +67,16 @@ class DutyCycledGpu(Detector):
 
     def __init__(self, settings: Any = None) -> None:
         super().__init__(settings)
-        self.allowlist = Allowlist(self.settings.gpu)
+        self.allowlist = Allowlist.of(self.settings.gpu)
 
     def new_state(self) -> DutyCycleState:
         return DutyCycleState()
 
+    def new_host_state(self, shared: dict[str, Any]) -> DutyCycleState:
+        return DutyCycleState(host_process_table(shared))
+
     def process(self, event: dict[str, Any], state: DutyCycleState) -> Iterable[Finding]:
-        if event["event"]["dataset"] == Dataset.PROCESS.value:
+        if event["event"]["dataset"] == _PROCESS:
             state.table.observe(event)
             return ()
         s = read_sample(event)
@@ -91,7 +96,7 @@ class DutyCycledGpu(Detector):
             # parents list none at all).
             if s.procs is not None and (s.procs or gpu.lists_processes):
                 gpu.phase_visible = True
-                if any(self.allowlist.allows(p, state.table.get(p.pid)) for p in s.procs):
+                if any(owned_flags(s, self.allowlist, state.table)):
                     gpu.phase_owned = True
             return ()
         if not gpu.busy:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.gpu._examples import burn_in, idle, mining, training
 from detectors.gpu._models import MiningSignature
-from detectors.gpu._window import GpuWindows, read_sample
+from detectors.gpu._window import GpuWindows, host_windows, read_sample
 from gpusentry.contract import Dataset
 
 
@@ -19,6 +19,7 @@ class _GpuState:
     model: MiningSignature
     recent: deque[float]  # signature scores of the last busy windows
     pids: frozenset[int] = frozenset()  # the processes on the GPU, to notice a change of workload
+    listed: list[int] = field(default_factory=list)  # the pids as last listed (the cheap same-as-before check)
 
 
 @dataclass
@@ -53,6 +54,10 @@ class GpuMiningSignature(Detector):
         g = self.settings.gpu
         return SignatureState(GpuWindows(g.window_s, g.busy_gpu_pct))
 
+    def new_host_state(self, shared: dict[str, Any]) -> SignatureState:
+        g = self.settings.gpu
+        return SignatureState(host_windows(shared, g.window_s, g.busy_gpu_pct))
+
     def process(self, event: dict[str, Any], state: SignatureState) -> Iterable[Finding]:
         sample = read_sample(event)
         g = self.settings.gpu
@@ -61,11 +66,14 @@ class GpuMiningSignature(Detector):
             gpu = state.gpus[sample.uuid] = _GpuState(MiningSignature(g.signature_history, g.busy_gpu_pct),
                                                       deque(maxlen=g.signature_history))
         if sample.procs:
-            pids = frozenset(p.pid for p in sample.procs)
-            if pids != gpu.pids:
-                if gpu.pids:
-                    gpu.model.new_workload()
-                gpu.pids = pids
+            listed = [p.pid for p in sample.procs]
+            if listed != gpu.listed:
+                gpu.listed = listed
+                pids = frozenset(listed)
+                if pids != gpu.pids:
+                    if gpu.pids:
+                        gpu.model.new_workload()
+                    gpu.pids = pids
         window = state.windows.add(sample)
         if window is None:
             return ()

@@ -9,9 +9,19 @@ from typing import Any, ClassVar
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import proc
 from detectors.gpu._examples import TRAINER, gproc, idle, mining, training
-from detectors.gpu._ownership import Allowlist, ProcessTable, describe, process_fields, program_of
+from detectors.gpu._ownership import (
+    Allowlist,
+    ProcessTable,
+    describe,
+    host_process_table,
+    owned_flags,
+    process_fields,
+    program_of,
+)
 from detectors.gpu._window import read_sample
 from gpusentry.contract import Dataset
+
+_PROCESS = Dataset.PROCESS.value
 
 # While an unowned process stays on a GPU its finding is repeated this often (event time), so the
 # incident stays open (it resolves after [detection] resolve_after_s without evidence).
@@ -63,13 +73,16 @@ class UnownedGpuProcess(Detector):
 
     def __init__(self, settings: Any = None) -> None:
         super().__init__(settings)
-        self.allowlist = Allowlist(self.settings.gpu)
+        self.allowlist = Allowlist.of(self.settings.gpu)
 
     def new_state(self) -> OwnershipState:
         return OwnershipState()
 
+    def new_host_state(self, shared: dict[str, Any]) -> OwnershipState:
+        return OwnershipState(host_process_table(shared))
+
     def process(self, event: dict[str, Any], state: OwnershipState) -> Iterable[Finding]:
-        if event["event"]["dataset"] == Dataset.PROCESS.value:
+        if event["event"]["dataset"] == _PROCESS:
             state.table.observe(event)
             return ()
         s = read_sample(event)
