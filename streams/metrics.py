@@ -37,6 +37,9 @@ class WorkerMetrics:
                                     "Time to decode and run the detectors over one message.",
                                     buckets=_PROCESSING_BUCKETS, registry=r)
         self.checkpoints = Counter("gpusentry_worker_checkpoints", "Partition checkpoints written.", registry=r)
+        self.checkpoint_failures = Counter("gpusentry_worker_checkpoints_too_large",
+                                           "Checkpoints not written because they exceeded worker.checkpoint_max_bytes.",
+                                           registry=r)
         self.restores = Counter("gpusentry_worker_restores", "Partition checkpoints restored.", registry=r)
         self.feedback = Gauge("gpusentry_worker_suppressions_active", "Analyst suppressions in force.", registry=r)
 

@@ -107,7 +107,8 @@ class Pipeline:
     def __init__(self, engine: Engine, io: KafkaIO, topics: Topics, *, max_message_bytes: int,
                  checkpoint_interval_s: float, metrics: WorkerMetrics | None = None,
                  suppressions: Suppressions | None = None, worker_id: str = "gpusentry",
-                 on_alert: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_alert: Callable[[dict[str, Any]], None] | None = None, snapshot_cpu_share: float = 0.15,
+                 checkpoint_max_bytes: int = 16 * 1024 * 1024) -> None:
         self.engine = engine
         self.io = io
         self.topics = topics
@@ -119,6 +120,13 @@ class Pipeline:
         self.on_alert = on_alert
         self.partitions: dict[int, PartitionState] = {}
         self.lock = asyncio.Lock()
+        # Snapshot cost grows with the number of hosts, not events (a host's models have a fixed size), so
+        # it is rationed: snapshots may use this share of the time; beyond it they wait (oldest first, as
+        # hosts send messages), which lengthens the replay after a crash instead of the alert latency.
+        self.snapshot_cpu_share = snapshot_cpu_share
+        self.checkpoint_max_bytes = checkpoint_max_bytes
+        self._snapshot_credit = 0.0  # seconds of snapshot work currently allowed
+        self._credit_at = time.monotonic()
         # Already on the alerts topic (found when restoring): event ids and update signatures.
         self._published_ids: set[str] = set()
         self._published_signatures: set[tuple[Any, ...]] = set()
@@ -172,7 +180,7 @@ class Pipeline:
             now = time.monotonic()
             for host in unique:
                 part.changed.add(host)
-                if now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s:
+                if now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s and self._may_snapshot(now):
                     self._snapshot(part, host, now)
             if last_ts is not None:
                 self.metrics.event_delay.observe(max(0.0, time.time() - parse_timestamp(last_ts)))
@@ -180,11 +188,20 @@ class Pipeline:
             if now - part.last_checkpoint >= self.checkpoint_interval_s:
                 await self._checkpoint(part)
 
+    def _may_snapshot(self, now: float) -> bool:
+        # Credit accrues at snapshot_cpu_share of wall time, capped at one checkpoint interval's worth.
+        cap = self.snapshot_cpu_share * self.checkpoint_interval_s
+        self._snapshot_credit = min(cap, self._snapshot_credit + (now - self._credit_at) * self.snapshot_cpu_share)
+        self._credit_at = now
+        return self._snapshot_credit > 0
+
     def _snapshot(self, part: PartitionState, host: str, now: float) -> None:
+        started = time.perf_counter()
         part.blobs[host] = zlib.compress(self.engine.snapshot_host(host), 1)
         part.covered[host] = dict(part.offsets)
         part.snapshot_at[host] = now
         part.changed.discard(host)
+        self._snapshot_credit -= time.perf_counter() - started
 
     async def _publish(self, alert: dict[str, Any]) -> None:
         alert_id = alert["event"]["id"]
@@ -273,15 +290,26 @@ class Pipeline:
         # 1. everything sent so far is on the broker; 2. the snapshots and what they cover; 3. the acks.
         await self._await_inflight()
         now = time.monotonic()
-        for host in list(part.changed):
-            # Busy hosts were snapshotted after their own messages; these went quiet since.
-            if complete or now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s:
+        for host in sorted(part.changed, key=lambda h: part.snapshot_at.get(h, -1e18)):
+            # Busy hosts are snapshotted after their own messages; these went quiet since (oldest first).
+            if complete or (now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s
+                            and self._may_snapshot(now)):
                 self._snapshot(part, host, now)
         marks = await self.io.alert_end_offsets()
         record = {"format": CHECKPOINT_FORMAT, "partition": part.number, "offsets": part.offsets,
                   "hosts": part.blobs, "covered": part.covered, "alert_marks": marks, "written_at": time.time(),
                   "worker": self.worker_id}
-        await self.io.write_checkpoint(part.number, pickle.dumps(record, pickle.HIGHEST_PROTOCOL))
+        blob = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
+        if len(blob) > self.checkpoint_max_bytes:
+            # Not written and nothing acknowledged: the worker goes on, but a successor would replay more.
+            self.metrics.checkpoint_failures.inc()
+            log.error("checkpoint of partition %d is %d bytes, over worker.checkpoint_max_bytes=%d (%d hosts): "
+                      "add partitions to the event topics (fewer hosts each) or raise the limit together with "
+                      "the brokers' message.max.bytes", part.number, len(blob), self.checkpoint_max_bytes,
+                      len(part.blobs))
+            part.last_checkpoint = time.monotonic()
+            return
+        await self.io.write_checkpoint(part.number, blob)
         self.metrics.checkpoints.inc()
         waiting = []
         for item in part.pending:

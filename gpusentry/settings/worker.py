@@ -17,6 +17,10 @@ class WorkerSettings(Section):
     checkpoint_max_bytes: int = Field(
         16 * 1024 * 1024, ge=1024 * 1024, description="Largest checkpoint record (one per input partition); "
         "the checkpoint topic is created with this `max.message.bytes`.")
+    snapshot_cpu_share: float = Field(
+        0.15, gt=0, le=1, description="Share of the worker's time that host snapshots may take. Their cost "
+        "grows with hosts, not events; beyond this share snapshots wait (a successor replays more input) "
+        "instead of delaying alerts.")
     fetch_max_wait_ms: int = Field(
         100, ge=0, le=5000, description="Longest a fetch waits for data. faust's built-in 1,500 ms adds that "
         "much latency on quiet topics; 100 ms keeps alerts under a second.")
