@@ -235,6 +235,8 @@ DATASET_FIELDS: dict[Dataset, tuple[FieldSpec, ...]] = {
         _o("gpu.pcie.tx_bytes_per_s", _NUM, "PCIe transmit throughput."),
         _o("gpu.processes", _LIST, "Processes on the GPU: `pid`, `used_memory_bytes`, `sm_pct`, `name`, "
            "`executable`, `command_line` (all but `pid` may be null)."),
+        _f("gpusentry.gpu.status", _STR, "`lost` when the GPU stopped answering (its metrics are then null); "
+           "absent otherwise.", required=False, nullable=True, choices=["lost"]),
     ),
     Dataset.PROCESS: (
         _f("process.pid", _INT, "Process id."),
