@@ -73,13 +73,16 @@ class WorkerProcess:
                 self.proc.wait(10)
         return self.proc.returncode
 
-    def metric(self, name: str, **labels: str) -> float:
+    def metrics_text(self) -> str:
         import httpx
 
         try:
-            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).text
+            return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).text
         except httpx.HTTPError:
-            return 0.0
+            return ""
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = self.metrics_text()
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and not line.startswith("#"):
