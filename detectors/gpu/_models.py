@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from river import drift
@@ -62,43 +62,112 @@ BEHAVIOUR_SCALES: dict[str, float] = {
     "util_mean": 100.0, "util_std": 50.0, "mem_pct": 100.0, "used_frac": 1.0, "power_frac": 1.0,
     "sm_frac": 1.0, "memclk_frac": 1.0, "pcie_log": 11.0,
 }
+_BEHAVIOUR_ORDER = tuple(sorted(BEHAVIOUR_SCALES.items()))  # the order HalfSpaceTrees keeps features in
 
 
-# Tree shapes (split feature and threshold of every inner node) by (n_trees, height, seed,
-# features).  They depend on nothing but these, so every GPU with the same settings has the
-# same shapes: built once per process, never pickled.
-_SHAPES: dict[tuple[int, int, int, tuple[str, ...]], tuple[list[int], list[float]]] = {}
+# Tree shapes by (n_trees, height, seed, features): for each tree, the split feature and threshold
+# of every inner node in heap order (children of node i at 2i+1 and 2i+2).  They depend on nothing
+# else, so every GPU with the same settings has the same shapes: built once per process, never
+# pickled.
+TreeShape = tuple[list[int], list[float]]
+ShapeKey = tuple[int, int, int, tuple[str, ...]]
+_SHAPES: dict[ShapeKey, list[TreeShape]] = {}
+_WALKERS: dict[ShapeKey, Callable[[tuple[float, ...]], tuple[int, ...]]] = {}
+_PATHS: dict[ShapeKey, dict[int, tuple[int, ...]]] = {}
+# Trees up to this many inner nodes in all are walked by generated code (nested comparisons, a
+# few thousand lines); larger forests take the loop.
+_GENERATED_MAX_NODES = 4096
 
 
-def _tree_shapes(n_trees: int, height: int, seed: int, features: tuple[str, ...]) -> tuple[list[int], list[float]]:
-    """Inner nodes of river's half-space trees in heap order (children of ``i`` at ``2i+1``, ``2i+2``).
+def _tree_shapes(key: ShapeKey) -> list[TreeShape]:
+    """The inner nodes of river's half-space trees for these parameters, one (features, thresholds) per tree.
 
     Built by river's own ``make_padded_tree`` with the random draws ``HalfSpaceTrees`` makes
     (one ``Random(seed)`` for all trees, features in sorted order, 15 % padding), so the splits are
     exactly those river would pick.
     """
-    key = (n_trees, height, seed, features)
     shapes = _SHAPES.get(key)
     if shapes is None:
+        n_trees, height, seed, features = key
         rng = random.Random(seed)
         index = {name: i for i, name in enumerate(features)}
         inner = 2**height - 1
-        split_feature: list[int] = []
-        split_at: list[float] = []
+        shapes = []
         for _ in range(n_trees):
             root = make_padded_tree(limits={name: (0.0, 1.0) for name in features}, height=height, padding=0.15,
                                     rng=rng, r_mass=0, l_mass=0)
-            tree_feature, tree_at = [0] * inner, [0.0] * inner
+            split_feature, split_at = [0] * inner, [0.0] * inner
             todo = [(root, 0)]
             while todo:
                 node, i = todo.pop()
                 if isinstance(node, PaddedBranch):
-                    tree_feature[i], tree_at[i] = index[node.feature], node.threshold
+                    split_feature[i], split_at[i] = index[node.feature], node.threshold
                     todo += [(node.children[0], 2 * i + 1), (node.children[1], 2 * i + 2)]
-            split_feature += tree_feature
-            split_at += tree_at
-        shapes = _SHAPES[key] = (split_feature, split_at)
+            shapes.append((split_feature, split_at))
+        _SHAPES[key] = shapes
     return shapes
+
+
+def _walker(key: ShapeKey) -> Callable[[tuple[float, ...]], tuple[int, ...]]:
+    """A function from feature values to the mass index of the leaf they reach in each tree.
+
+    Walking ten trees node by node in a Python loop costs about as much as everything else a
+    window does; so the trees are turned into nested comparisons against their thresholds, once
+    per process (the generated source is built from our own numbers only).
+    """
+    walker = _WALKERS.get(key)
+    if walker is not None:
+        return walker
+    n_trees, height, _, _ = key
+    shapes = _tree_shapes(key)
+    inner, nodes = 2**height - 1, 2 ** (height + 1) - 1
+    if n_trees * inner > _GENERATED_MAX_NODES:
+        def walker(values: tuple[float, ...]) -> tuple[int, ...]:
+            leaves = []
+            for tree, (split_feature, split_at) in enumerate(shapes):
+                i = 0
+                while i < inner:
+                    i = 2 * i + 1 if values[split_feature[i]] < split_at[i] else 2 * i + 2
+                leaves.append(tree * nodes + i)
+            return tuple(leaves)
+    else:
+        lines = ["def walk(v):"]
+
+        def emit(tree: int, i: int, depth: int) -> None:
+            pad = " " * (4 + 4 * depth)
+            if i >= inner:
+                lines.append(f"{pad}l{tree} = {tree * nodes + i}")
+                return
+            split_feature, split_at = shapes[tree]
+            lines.append(f"{pad}if v[{split_feature[i]}] < {split_at[i]!r}:")
+            emit(tree, 2 * i + 1, depth + 1)
+            lines.append(f"{pad}else:")
+            emit(tree, 2 * i + 2, depth + 1)
+
+        for tree in range(n_trees):
+            emit(tree, 0, 0)
+        lines.append("    return (" + "".join(f"l{t}, " for t in range(n_trees)) + ")")
+        namespace: dict[str, Any] = {}
+        exec(compile("\n".join(lines), f"<half-space trees {key[:3]}>", "exec"), namespace)  # noqa: S102
+        walker = namespace["walk"]
+    _WALKERS[key] = walker
+    return walker
+
+
+def _path(key: ShapeKey, leaf: int) -> tuple[int, ...]:
+    """Mass indices from the root of ``leaf``'s tree down to ``leaf``."""
+    paths = _PATHS.setdefault(key, {})
+    path = paths.get(leaf)
+    if path is None:
+        nodes = 2 ** (key[1] + 1) - 1
+        base, i = divmod(leaf, nodes)
+        base *= nodes
+        out = [base + i]
+        while i:
+            i = (i - 1) // 2
+            out.append(base + i)
+        path = paths[leaf] = tuple(reversed(out))
+    return path
 
 
 class HalfSpaceTrees:
@@ -108,10 +177,13 @@ class HalfSpaceTrees:
     ``0.1 * window_size``, same pivot of the masses every ``window_size`` learned points), so it
     scores exactly as ``river.anomaly.HalfSpaceTrees`` does on inputs that carry every feature
     (tests/test_gpu_models.py checks that).  What changes is the cost: river builds ten linked
-    trees of node objects per GPU (about 4 ms, 60 KB pickled); here a GPU's model is its mass
-    counts (two lists of ints, a few KB) and the shapes are built once per process.  The path of
-    the last scored point is kept, so learning it after scoring (river's contract: score, then
-    learn what is not flagged) does not walk the trees again.
+    trees of node objects per GPU (about 4 ms, 60 KB pickled) and walks them node by node; here
+    a GPU's model is its mass counts (two lists of ints, a few KB), the shapes are built and
+    compiled once per process, and a leaf's score against the reference masses is remembered
+    until the next pivot (a GPU doing its usual work lands in the same few leaves).
+
+    ``x`` must carry every feature (the model's caller fills gaps); ``*_values`` take the
+    features as a tuple in sorted-name order, which is what the hot path uses.
     """
 
     def __init__(self, features: tuple[str, ...], n_trees: int = 10, height: int = 6, window_size: int = 20,
@@ -123,66 +195,71 @@ class HalfSpaceTrees:
         self.r_mass = [0] * nodes  # mass of the last complete window (the reference)
         self.counter = 0
         self.first_window = True
-        self._path: tuple[tuple[float, ...], list[int]] | None = None
+        self._walked: tuple[tuple[float, ...], tuple[int, ...]] | None = None  # last values and their leaves
+        self._leaf_scores: dict[int, int] = {}  # leaf -> river's raw score of its path, until the next pivot
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_path"] = None
+        state["_walked"] = None
+        state["_leaf_scores"] = {}
         return state
 
-    def _walk(self, values: tuple[float, ...]) -> list[int]:
-        """Mass indices of the root-to-leaf path of ``values`` in every tree, tree after tree."""
-        cached = self._path
-        if cached is not None and cached[0] == values:
-            return cached[1]
-        split_feature, split_at = _tree_shapes(self.n_trees, self.height, self.seed, self.features)
-        height = self.height
-        inner = 2**height - 1
-        nodes = 2 * inner + 1
-        path: list[int] = []
-        append = path.append
-        for tree in range(self.n_trees):
-            shape, mass = tree * inner, tree * nodes
-            i = 0
-            append(mass)
-            for _ in range(height):
-                j = shape + i
-                i = 2 * i + 1 if values[split_feature[j]] < split_at[j] else 2 * i + 2
-                append(mass + i)
-        self._path = (values, path)
-        return path
+    def _key(self) -> ShapeKey:
+        return (self.n_trees, self.height, self.seed, self.features)
+
+    def _leaves(self, values: tuple[float, ...]) -> tuple[int, ...]:
+        walked = self._walked
+        if walked is not None and walked[0] == values:
+            return walked[1]
+        leaves = _walker(self._key())(values)
+        self._walked = (values, leaves)
+        return leaves
+
+    def _leaf_score(self, leaf: int) -> int:
+        """river's ``_walk_score`` down to ``leaf``: reference mass times 2**depth, stopping at a thin node."""
+        r_mass, size_limit = self.r_mass, 0.1 * self.window_size
+        score, depth_pow = 0, 1
+        for node in _path(self._key(), leaf):
+            r = r_mass[node]
+            score += r * depth_pow
+            if r < size_limit:
+                break
+            depth_pow <<= 1
+        self._leaf_scores[leaf] = score
+        return score
 
     def values(self, x: Mapping[str, float]) -> tuple[float, ...]:
         return tuple([x[name] for name in self.features])
 
-    def learn_one(self, x: Mapping[str, float]) -> None:
+    def learn_values(self, values: tuple[float, ...]) -> None:
         l_mass = self.l_mass
-        for i in self._walk(self.values(x)):
-            l_mass[i] += 1
+        key = self._key()
+        for leaf in self._leaves(values):
+            for node in _path(key, leaf):
+                l_mass[node] += 1
         self.counter += 1
         if self.counter == self.window_size:
             self.r_mass, self.l_mass = self.l_mass, [0] * len(self.l_mass)
             self.first_window = False
             self.counter = 0
+            self._leaf_scores = {}  # scored against the old reference masses
 
-    def score_one(self, x: Mapping[str, float]) -> float:
+    def score_values(self, values: tuple[float, ...]) -> float:
         if self.first_window:
             return 0.0
-        path = self._walk(self.values(x))
-        r_mass, height, size_limit = self.r_mass, self.height, 0.1 * self.window_size
-        score = 0.0
-        for start in range(0, len(path), height + 1):
-            depth_pow = 1
-            for k in range(start, start + height):
-                r = r_mass[path[k]]
-                score += r * depth_pow
-                if r < size_limit:
-                    break
-                depth_pow <<= 1
-            else:
-                score += r_mass[path[start + height]] * depth_pow
+        scores = self._leaf_scores
+        score = 0
+        for leaf in self._leaves(values):
+            leaf_score = scores.get(leaf)
+            score += self._leaf_score(leaf) if leaf_score is None else leaf_score
         max_score = self.n_trees * self.window_size * (2 ** (self.height + 1) - 1)
         return 1 - score / max_score
+
+    def learn_one(self, x: Mapping[str, float]) -> None:
+        self.learn_values(self.values(x))
+
+    def score_one(self, x: Mapping[str, float]) -> float:
+        return self.score_values(self.values(x))
 
 
 class HalfSpaceBehaviour(GpuModel):
@@ -196,32 +273,34 @@ class HalfSpaceBehaviour(GpuModel):
         self.n_trees, self.height, self.window_size, self.seed = n_trees, height, window_size, seed
         self.trees = HalfSpaceTrees(tuple(BEHAVIOUR_SCALES), n_trees=n_trees, height=height,
                                     window_size=window_size, seed=seed)
-        self.last: dict[str, float] = {}
+        self.last: tuple[float, ...] = ()  # the scaled features last learned, in the trees' order
         self.n_learned = 0
 
     def _params(self) -> dict[str, Any]:
         return {"n_trees": self.n_trees, "height": self.height, "window_size": self.window_size, "seed": self.seed}
 
-    def _scaled(self, x: Features) -> dict[str, float]:
-        out = {}
-        for key, scale in BEHAVIOUR_SCALES.items():
+    def _scaled(self, x: Features) -> tuple[float, ...]:
+        out = []
+        last = self.last
+        for k, (key, scale) in enumerate(_BEHAVIOUR_ORDER):
             v = x.get(key)
-            if v is None or not math.isfinite(v):
-                out[key] = self.last.get(key, 0.5)
+            if v is None or v - v != 0.0:  # missing, nan or inf
+                out.append(last[k] if last else 0.5)
             else:
-                out[key] = _clip01(v / scale)
-        return out
+                v /= scale
+                out.append(0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
+        return tuple(out)
 
     def learn_one(self, x: Features) -> None:
         scaled = self._scaled(x)
-        self.trees.learn_one(scaled)
+        self.trees.learn_values(scaled)
         self.last = scaled
         self.n_learned += 1
 
     def score_one(self, x: Features) -> float:
         if self.n_learned < self.window_size:
             return 0.0  # the trees have no reference mass before their first full window
-        return _clip01(float(self.trees.score_one(self._scaled(x))))
+        return _clip01(float(self.trees.score_values(self._scaled(x))))
 
 
 # --------------------------------------------------------------------- mining signature

@@ -53,6 +53,7 @@ class Sample:
     memclk: float | None
     pcie: float | None  # rx + tx bytes/s
     procs: list[GpuProc] | None  # None: not reported
+    row: tuple[float | None, ...]  # the numbers windows summarise, in _ROW order
     # Which of procs the allowlist owns, worked out by the first detector that asks and kept for
     # the others: (allowlist, process table, one verdict per process); see _ownership.owned_flags.
     owned: tuple[Any, Any, list[bool]] | None = None
@@ -67,20 +68,24 @@ def _num(value: Any) -> float | None:
 
 
 def _procs(raw: Any) -> list[GpuProc] | None:
-    if not isinstance(raw, list):
+    if type(raw) is not list:
         return None
     out = []
     for p in raw:
-        if not isinstance(p, dict) or type(p.get("pid")) is not int:
+        if type(p) is not dict:
+            continue
+        pid = p.get("pid")
+        if type(pid) is not int:
             continue
         name, exe, cmd = p.get("name"), p.get("executable"), p.get("command_line")
         used = p.get("used_memory_bytes")
-        out.append(GpuProc(p["pid"], used if type(used) is int else None, _num(p.get("sm_pct")),
-                           name if isinstance(name, str) else None, exe if isinstance(exe, str) else None,
-                           cmd if isinstance(cmd, str) else None))
+        out.append(GpuProc(pid, used if type(used) is int else None, _num(p.get("sm_pct")),
+                           name if type(name) is str else None, exe if type(exe) is str else None,
+                           cmd if type(cmd) is str else None))
     return out
 
 
+_EMPTY: dict[str, Any] = {}
 _last: tuple[dict[str, Any], str, Sample] | None = None
 
 
@@ -92,48 +97,50 @@ def read_sample(event: dict[str, Any]) -> Sample:
     """
     global _last
     eid = event["event"]["id"]
-    if _last is not None and _last[0] is event and _last[1] == eid:
-        return _last[2]
+    last = _last
+    if last is not None and last[0] is event and last[1] == eid:
+        return last[2]
     g = event["gpu"]
-    util = g.get("utilization") or {}
-    mem = g.get("memory") or {}
-    power = g.get("power") or {}
-    clocks = g.get("clocks") or {}
-    pcie = g.get("pcie") or {}
-    rx, tx = _num(pcie.get("rx_bytes_per_s")), _num(pcie.get("tx_bytes_per_s"))
+    num = _num
+    util = g.get("utilization") or _EMPTY
+    mem = g.get("memory") or _EMPTY
+    power = g.get("power") or _EMPTY
+    clocks = g.get("clocks") or _EMPTY
+    pcie = g.get("pcie") or _EMPTY
+    rx, tx = num(pcie.get("rx_bytes_per_s")), num(pcie.get("tx_bytes_per_s"))
     name = g.get("name")
-    sample = Sample(
-        ts=event_time(event), event_id=eid, uuid=g["uuid"], index=g["index"],
-        name=name if isinstance(name, str) else None,
-        util=_num(util.get("gpu_pct")), mem_pct=_num(util.get("memory_pct")),
-        used=_num(mem.get("used_bytes")), total=_num(mem.get("total_bytes")),
-        power=_num(power.get("draw_watts")), limit=_num(power.get("limit_watts")),
-        sm=_num(clocks.get("sm_mhz")), memclk=_num(clocks.get("mem_mhz")),
-        pcie=None if rx is None and tx is None else (rx or 0.0) + (tx or 0.0),
-        procs=_procs(g.get("processes")),
-    )
+    gpu_pct, mem_pct = num(util.get("gpu_pct")), num(util.get("memory_pct"))
+    used, total = num(mem.get("used_bytes")), num(mem.get("total_bytes"))
+    draw, limit = num(power.get("draw_watts")), num(power.get("limit_watts"))
+    sm, memclk = num(clocks.get("sm_mhz")), num(clocks.get("mem_mhz"))
+    pcie_sum = None if rx is None and tx is None else (rx or 0.0) + (tx or 0.0)
+    sample = Sample(event_time(event), eid, g["uuid"], g["index"], name if type(name) is str else None,
+                    gpu_pct, mem_pct, used, total, draw, limit, sm, memclk, pcie_sum, _procs(g.get("processes")),
+                    (gpu_pct, mem_pct, draw, limit, sm, memclk, pcie_sum, used, total))
     _last = (event, eid, sample)
     return sample
 
 
-# Order of the per-window sums in _Acc.sums / _Acc.counts.
-_MEM_PCT, _POWER, _LIMIT, _SM, _MEMCLK, _PCIE, _USED, _TOTAL = range(8)
+# Order of the numbers in Sample.row (the columns of an open window).
+_UTIL, _MEM_PCT, _POWER, _LIMIT, _SM, _MEMCLK, _PCIE, _USED, _TOTAL = range(9)
+# Samples an open window keeps (a window of 600 s sampled every second); any more in the same
+# window count but are not summarised.
+MAX_ROWS = 600
 
 
 @dataclass(slots=True)
 class _Acc:
-    """Running sums of one open window (a few floats: it is pickled into checkpoints)."""
+    """One open window: the numbers of its samples, summarised when it closes.
+
+    Keeping the rows (a tuple of nine numbers per sample) and summing them in bulk at the close
+    costs less per sample than updating running sums, and stays small: a 30 s window sampled
+    every 5 s holds six rows.
+    """
 
     start: float
     n: int = 0
-    n_util: int = 0
-    util_sum: float = 0.0
-    util_sq: float = 0.0
-    util_min: float = math.inf
-    util_max: float = -math.inf
-    busy: int = 0
-    sums: list[float] = field(default_factory=lambda: [0.0] * 8)
-    counts: list[int] = field(default_factory=lambda: [0] * 8)
+    rows: list[tuple[float | None, ...]] = field(default_factory=list)
+    name: str | None = None  # the GPU's product name, as last reported in the window
     last_event_id: str = ""
 
 
@@ -182,7 +189,8 @@ class GpuWindows:
         last = self._last
         if last is not None and last[0] is s:
             return last[1]
-        start = s.ts - (s.ts % self.window_s)
+        ts = s.ts
+        start = ts - (ts % self.window_s)
         acc = self._open.get(s.uuid)
         closed = None
         if acc is None or start > acc.start:
@@ -192,83 +200,47 @@ class GpuWindows:
         elif start < acc.start:
             self._last = (s, None)
             return None  # a late sample of a window already closed: too late to count
-        self._accumulate(acc, s)
+        if acc.n < MAX_ROWS:
+            acc.rows.append(s.row)
+        acc.n += 1
+        acc.last_event_id = s.event_id
+        if s.name:
+            acc.name = s.name
         self._last = (s, closed)
         return closed
 
-    def _accumulate(self, acc: _Acc, s: Sample) -> None:
-        acc.n += 1
-        acc.last_event_id = s.event_id
-        if s.util is not None:
-            u = s.util
-            acc.n_util += 1
-            acc.util_sum += u
-            acc.util_sq += u * u
-            acc.util_min = min(acc.util_min, u)
-            acc.util_max = max(acc.util_max, u)
-            if u >= self.busy_pct:
-                acc.busy += 1
-        ref = self._ref.get(s.uuid)
-        if ref is None:
-            ref = self._ref[s.uuid] = [0.0, 0.0, 0.0, None]
-        if s.name:
-            ref[3] = s.name
-        sums, counts = acc.sums, acc.counts
-        # Unrolled: this runs for every sample of every GPU in every windowed detector.
-        v = s.mem_pct
-        if v is not None:
-            sums[_MEM_PCT] += v
-            counts[_MEM_PCT] += 1
-        v = s.power
-        if v is not None:
-            sums[_POWER] += v
-            counts[_POWER] += 1
-        v = s.limit
-        if v is not None:
-            sums[_LIMIT] += v
-            counts[_LIMIT] += 1
-        v = s.sm
-        if v is not None:
-            sums[_SM] += v
-            counts[_SM] += 1
-        v = s.memclk
-        if v is not None:
-            sums[_MEMCLK] += v
-            counts[_MEMCLK] += 1
-        v = s.pcie
-        if v is not None:
-            sums[_PCIE] += v
-            counts[_PCIE] += 1
-        v = s.used
-        if v is not None:
-            sums[_USED] += v
-            counts[_USED] += 1
-        v = s.total
-        if v is not None:
-            sums[_TOTAL] += v
-            counts[_TOTAL] += 1
-        if s.sm is not None and s.sm > ref[0]:
-            ref[0] = s.sm
-        if s.memclk is not None and s.memclk > ref[1]:
-            ref[1] = s.memclk
-        if s.limit is not None and s.limit > ref[2]:
-            ref[2] = s.limit
-
     def _close(self, uuid: str, index: int, acc: _Acc) -> Window:
-        def mean(i: int) -> float | None:
-            n = acc.counts[i]
-            return acc.sums[i] / n if n else None
+        columns = list(zip(*acc.rows, strict=True))
 
-        ref = self._ref.get(uuid) or [0.0, 0.0, 0.0, None]
+        def present(i: int) -> list[float]:
+            return [v for v in columns[i] if v is not None]
+
+        def mean(i: int) -> float | None:
+            values = present(i)
+            return sum(values) / len(values) if values else None
+
+        ref = self._ref.get(uuid)
+        if ref is None:
+            ref = self._ref[uuid] = [0.0, 0.0, 0.0, None]
+        if acc.name:
+            ref[3] = acc.name
+        for slot, i in ((0, _SM), (1, _MEMCLK), (2, _LIMIT)):
+            values = present(i)
+            if values and max(values) > ref[slot]:
+                ref[slot] = max(values)
         spec = spec_for(ref[3])
         max_sm = max(spec.max_sm_mhz if spec else 0.0, ref[0])
         max_memclk = max(spec.mem_mhz if spec else 0.0, ref[1])
         tdp = spec.tdp_watts if spec else ref[2]
-        util_mean = util_std = util_min = util_max = None
-        if acc.n_util:
-            util_mean = acc.util_sum / acc.n_util
-            util_std = math.sqrt(max(0.0, acc.util_sq / acc.n_util - util_mean * util_mean))
-            util_min, util_max = acc.util_min, acc.util_max
+        util_mean = util_std = util_min = util_max = busy_frac = None
+        utils = present(_UTIL)
+        if utils:
+            n_util = len(utils)
+            util_mean = sum(utils) / n_util
+            util_std = math.sqrt(max(0.0, sum([u * u for u in utils]) / n_util - util_mean * util_mean))
+            util_min, util_max = min(utils), max(utils)
+            busy_pct = self.busy_pct
+            busy_frac = len([u for u in utils if u >= busy_pct]) / n_util
         power, limit, sm, memclk = mean(_POWER), mean(_LIMIT), mean(_SM), mean(_MEMCLK)
         used, total, pcie = mean(_USED), mean(_TOTAL), mean(_PCIE)
         features: dict[str, float | None] = {
@@ -281,7 +253,7 @@ class GpuWindows:
             "sm_frac": sm / max_sm if sm is not None and max_sm else None,
             "memclk_frac": memclk / max_memclk if memclk is not None and max_memclk else None,
             "pcie_log": math.log10(1.0 + max(0.0, pcie)) if pcie is not None else None,
-            "busy_frac": acc.busy / acc.n_util if acc.n_util else None,
+            "busy_frac": busy_frac,
         }
         return Window(uuid, index, acc.start, acc.start + self.window_s, acc.n, features, acc.last_event_id)
 

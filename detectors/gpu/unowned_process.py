@@ -14,7 +14,6 @@ from detectors.gpu._ownership import (
     ProcessTable,
     describe,
     host_process_table,
-    owned_flags,
     process_fields,
     program_of,
 )
