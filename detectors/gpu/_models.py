@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -72,8 +72,7 @@ _BEHAVIOUR_ORDER = tuple(sorted(BEHAVIOUR_SCALES.items()))  # the order HalfSpac
 TreeShape = tuple[list[int], list[float]]
 ShapeKey = tuple[int, int, int, tuple[str, ...]]
 _SHAPES: dict[ShapeKey, list[TreeShape]] = {}
-_WALKERS: dict[ShapeKey, Callable[[tuple[float, ...]], tuple[int, ...]]] = {}
-_PATHS: dict[ShapeKey, dict[int, tuple[int, ...]]] = {}
+_FORESTS: dict[ShapeKey, _Forest] = {}
 # Trees up to this many inner nodes in all are walked by generated code (nested comparisons, a
 # few thousand lines); larger forests take the loop.
 _GENERATED_MAX_NODES = 4096
@@ -115,9 +114,6 @@ def _walker(key: ShapeKey) -> Callable[[tuple[float, ...]], tuple[int, ...]]:
     window does; so the trees are turned into nested comparisons against their thresholds, once
     per process (the generated source is built from our own numbers only).
     """
-    walker = _WALKERS.get(key)
-    if walker is not None:
-        return walker
     n_trees, height, _, _ = key
     shapes = _tree_shapes(key)
     inner, nodes = 2**height - 1, 2 ** (height + 1) - 1
@@ -150,24 +146,36 @@ def _walker(key: ShapeKey) -> Callable[[tuple[float, ...]], tuple[int, ...]]:
         namespace: dict[str, Any] = {}
         exec(compile("\n".join(lines), f"<half-space trees {key[:3]}>", "exec"), namespace)  # noqa: S102
         walker = namespace["walk"]
-    _WALKERS[key] = walker
     return walker
 
 
-def _path(key: ShapeKey, leaf: int) -> tuple[int, ...]:
-    """Mass indices from the root of ``leaf``'s tree down to ``leaf``."""
-    paths = _PATHS.setdefault(key, {})
-    path = paths.get(leaf)
-    if path is None:
-        nodes = 2 ** (key[1] + 1) - 1
-        base, i = divmod(leaf, nodes)
-        base *= nodes
-        out = [base + i]
-        while i:
-            i = (i - 1) // 2
-            out.append(base + i)
-        path = paths[leaf] = tuple(reversed(out))
-    return path
+class _Forest:
+    """What every model with the same tree parameters shares: how to walk the trees, and their paths."""
+
+    def __init__(self, key: ShapeKey) -> None:
+        self.walk = _walker(key)
+        self.nodes = 2 ** (key[1] + 1) - 1  # per tree
+        self._paths: dict[int, tuple[int, ...]] = {}
+
+    @classmethod
+    def of(cls, key: ShapeKey) -> _Forest:
+        forest = _FORESTS.get(key)
+        if forest is None:
+            forest = _FORESTS[key] = cls(key)
+        return forest
+
+    def path(self, leaf: int) -> tuple[int, ...]:
+        """Mass indices from the root of ``leaf``'s tree down to ``leaf``."""
+        path = self._paths.get(leaf)
+        if path is None:
+            base, i = divmod(leaf, self.nodes)
+            base *= self.nodes
+            out = [base + i]
+            while i:
+                i = (i - 1) // 2
+                out.append(base + i)
+            path = self._paths[leaf] = tuple(reversed(out))
+        return path
 
 
 class HalfSpaceTrees:
@@ -178,9 +186,11 @@ class HalfSpaceTrees:
     scores exactly as ``river.anomaly.HalfSpaceTrees`` does on inputs that carry every feature
     (tests/test_gpu_models.py checks that).  What changes is the cost: river builds ten linked
     trees of node objects per GPU (about 4 ms, 60 KB pickled) and walks them node by node; here
-    a GPU's model is its mass counts (two lists of ints, a few KB), the shapes are built and
-    compiled once per process, and a leaf's score against the reference masses is remembered
-    until the next pivot (a GPU doing its usual work lands in the same few leaves).
+    a GPU's model is its reference mass counts (a list of ints, a few KB) and the leaves of the
+    points learned since the last pivot, the shapes are built and compiled once per process, the
+    learned points' masses are added up at the pivot (a GPU doing its usual work lands in the same
+    few leaves, so that is a few paths, not one per point), and a leaf's score against the
+    reference masses is remembered until the next pivot.
 
     ``x`` must carry every feature (the model's caller fills gaps); ``*_values`` take the
     features as a tuple in sorted-name order, which is what the hot path uses.
@@ -190,28 +200,29 @@ class HalfSpaceTrees:
                  seed: int = 42) -> None:
         self.features, self.n_trees, self.height, self.window_size, self.seed = (
             tuple(sorted(features)), n_trees, height, window_size, seed)
-        nodes = n_trees * (2 ** (height + 1) - 1)
-        self.l_mass = [0] * nodes  # mass of the current window
-        self.r_mass = [0] * nodes  # mass of the last complete window (the reference)
-        self.counter = 0
+        self.r_mass = [0] * (n_trees * (2 ** (height + 1) - 1))  # mass of the last complete window (the reference)
+        self.learned: list[tuple[int, ...]] = []  # leaves of the points learned since (river's l_mass)
         self.first_window = True
         self._walked: tuple[tuple[float, ...], tuple[int, ...]] | None = None  # last values and their leaves
         self._leaf_scores: dict[int, int] = {}  # leaf -> river's raw score of its path, until the next pivot
+        self._forest = _Forest.of((n_trees, height, seed, self.features))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
+        del state["_forest"]
         state["_walked"] = None
         state["_leaf_scores"] = {}
         return state
 
-    def _key(self) -> ShapeKey:
-        return (self.n_trees, self.height, self.seed, self.features)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._forest = _Forest.of((self.n_trees, self.height, self.seed, self.features))
 
     def _leaves(self, values: tuple[float, ...]) -> tuple[int, ...]:
         walked = self._walked
         if walked is not None and walked[0] == values:
             return walked[1]
-        leaves = _walker(self._key())(values)
+        leaves = self._forest.walk(values)
         self._walked = (values, leaves)
         return leaves
 
@@ -219,7 +230,7 @@ class HalfSpaceTrees:
         """river's ``_walk_score`` down to ``leaf``: reference mass times 2**depth, stopping at a thin node."""
         r_mass, size_limit = self.r_mass, 0.1 * self.window_size
         score, depth_pow = 0, 1
-        for node in _path(self._key(), leaf):
+        for node in self._forest.path(leaf):
             r = r_mass[node]
             score += r * depth_pow
             if r < size_limit:
@@ -232,17 +243,19 @@ class HalfSpaceTrees:
         return tuple([x[name] for name in self.features])
 
     def learn_values(self, values: tuple[float, ...]) -> None:
-        l_mass = self.l_mass
-        key = self._key()
-        for leaf in self._leaves(values):
-            for node in _path(key, leaf):
-                l_mass[node] += 1
-        self.counter += 1
-        if self.counter == self.window_size:
-            self.r_mass, self.l_mass = self.l_mass, [0] * len(self.l_mass)
-            self.first_window = False
-            self.counter = 0
-            self._leaf_scores = {}  # scored against the old reference masses
+        self.learned.append(self._leaves(values))
+        if len(self.learned) == self.window_size:
+            self._pivot()
+
+    def _pivot(self) -> None:
+        """The window's masses become the reference: each leaf's count, added along its path."""
+        mass, path = [0] * len(self.r_mass), self._forest.path
+        for leaf, count in Counter(leaf for leaves in self.learned for leaf in leaves).items():
+            for node in path(leaf):
+                mass[node] += count
+        self.r_mass, self.learned = mass, []
+        self.first_window = False
+        self._leaf_scores = {}  # scored against the old reference masses
 
     def score_values(self, values: tuple[float, ...]) -> float:
         if self.first_window:
@@ -275,13 +288,23 @@ class HalfSpaceBehaviour(GpuModel):
                                     window_size=window_size, seed=seed)
         self.last: tuple[float, ...] = ()  # the scaled features last learned, in the trees' order
         self.n_learned = 0
+        self._scaled_for: tuple[Features, tuple[float, ...], tuple[float, ...]] | None = None  # x, last, scaled
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_scaled_for"] = None
+        return state
 
     def _params(self) -> dict[str, Any]:
         return {"n_trees": self.n_trees, "height": self.height, "window_size": self.window_size, "seed": self.seed}
 
     def _scaled(self, x: Features) -> tuple[float, ...]:
-        out = []
+        # The window is scored, then learned: scale it once (the same dict, the same fallbacks).
         last = self.last
+        cached = self._scaled_for
+        if cached is not None and cached[0] is x and cached[1] is last:
+            return cached[2]
+        out = []
         for k, (key, scale) in enumerate(_BEHAVIOUR_ORDER):
             v = x.get(key)
             if v is None or v - v != 0.0:  # missing, nan or inf
@@ -289,7 +312,9 @@ class HalfSpaceBehaviour(GpuModel):
             else:
                 v /= scale
                 out.append(0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
-        return tuple(out)
+        scaled = tuple(out)
+        self._scaled_for = (x, last, scaled)
+        return scaled
 
     def learn_one(self, x: Features) -> None:
         scaled = self._scaled(x)

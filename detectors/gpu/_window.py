@@ -13,6 +13,7 @@ arrives; its summary is a plain dict of floats (``None`` where the hardware repo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,16 +45,12 @@ class Sample:
     index: int
     name: str | None
     util: float | None
-    mem_pct: float | None
-    used: float | None
-    total: float | None
-    power: float | None
     limit: float | None
-    sm: float | None
-    memclk: float | None
-    pcie: float | None  # rx + tx bytes/s
     procs: list[GpuProc] | None  # None: not reported
-    row: tuple[float | None, ...]  # the numbers windows summarise, in _ROW order
+    # The numbers windows summarise (columns _UTIL.._TOTAL), as reported: only util and limit,
+    # which detectors read per sample, are checked here; the window drops what is not a finite
+    # number when it closes, once for all its samples.
+    row: tuple[Any, ...]
     # Which of procs the allowlist owns, worked out by the first detector that asks and kept for
     # the others: (allowlist, process table, one verdict per process); see _ownership.owned_flags.
     owned: tuple[Any, Any, list[bool]] | None = None
@@ -101,28 +98,24 @@ def read_sample(event: dict[str, Any]) -> Sample:
     if last is not None and last[0] is event and last[1] == eid:
         return last[2]
     g = event["gpu"]
-    num = _num
     util = g.get("utilization") or _EMPTY
     mem = g.get("memory") or _EMPTY
     power = g.get("power") or _EMPTY
     clocks = g.get("clocks") or _EMPTY
     pcie = g.get("pcie") or _EMPTY
-    rx, tx = num(pcie.get("rx_bytes_per_s")), num(pcie.get("tx_bytes_per_s"))
     name = g.get("name")
-    gpu_pct, mem_pct = num(util.get("gpu_pct")), num(util.get("memory_pct"))
-    used, total = num(mem.get("used_bytes")), num(mem.get("total_bytes"))
-    draw, limit = num(power.get("draw_watts")), num(power.get("limit_watts"))
-    sm, memclk = num(clocks.get("sm_mhz")), num(clocks.get("mem_mhz"))
-    pcie_sum = None if rx is None and tx is None else (rx or 0.0) + (tx or 0.0)
+    gpu_pct, limit = _num(util.get("gpu_pct")), _num(power.get("limit_watts"))
     sample = Sample(event_time(event), eid, g["uuid"], g["index"], name if type(name) is str else None,
-                    gpu_pct, mem_pct, used, total, draw, limit, sm, memclk, pcie_sum, _procs(g.get("processes")),
-                    (gpu_pct, mem_pct, draw, limit, sm, memclk, pcie_sum, used, total))
+                    gpu_pct, limit, _procs(g.get("processes")),
+                    (gpu_pct, util.get("memory_pct"), power.get("draw_watts"), limit, clocks.get("sm_mhz"),
+                     clocks.get("mem_mhz"), pcie.get("rx_bytes_per_s"), pcie.get("tx_bytes_per_s"),
+                     mem.get("used_bytes"), mem.get("total_bytes")))
     _last = (event, eid, sample)
     return sample
 
 
 # Order of the numbers in Sample.row (the columns of an open window).
-_UTIL, _MEM_PCT, _POWER, _LIMIT, _SM, _MEMCLK, _PCIE, _USED, _TOTAL = range(9)
+_UTIL, _MEM_PCT, _POWER, _LIMIT, _SM, _MEMCLK, _PCIE_RX, _PCIE_TX, _USED, _TOTAL = range(10)
 # Samples an open window keeps (a window of 600 s sampled every second); any more in the same
 # window count but are not summarised.
 MAX_ROWS = 600
@@ -132,14 +125,14 @@ MAX_ROWS = 600
 class _Acc:
     """One open window: the numbers of its samples, summarised when it closes.
 
-    Keeping the rows (a tuple of nine numbers per sample) and summing them in bulk at the close
+    Keeping the rows (a tuple of ten numbers per sample) and summing them in bulk at the close
     costs less per sample than updating running sums, and stays small: a 30 s window sampled
     every 5 s holds six rows.
     """
 
     start: float
     n: int = 0
-    rows: list[tuple[float | None, ...]] = field(default_factory=list)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
     name: str | None = None  # the GPU's product name, as last reported in the window
     last_event_id: str = ""
 
@@ -211,21 +204,18 @@ class GpuWindows:
 
     def _close(self, uuid: str, index: int, acc: _Acc) -> Window:
         columns = list(zip(*acc.rows, strict=True))
+        finite = _finite
 
-        def present(i: int) -> list[float]:
-            return [v for v in columns[i] if v is not None]
-
-        def mean(i: int) -> float | None:
-            values = present(i)
+        def mean(values: list[float]) -> float | None:
             return sum(values) / len(values) if values else None
 
+        power, limit, sm, memclk = (finite(columns[i]) for i in (_POWER, _LIMIT, _SM, _MEMCLK))
         ref = self._ref.get(uuid)
         if ref is None:
             ref = self._ref[uuid] = [0.0, 0.0, 0.0, None]
         if acc.name:
             ref[3] = acc.name
-        for slot, i in ((0, _SM), (1, _MEMCLK), (2, _LIMIT)):
-            values = present(i)
+        for slot, values in ((0, sm), (1, memclk), (2, limit)):
             if values and max(values) > ref[slot]:
                 ref[slot] = max(values)
         spec = spec_for(ref[3])
@@ -233,7 +223,7 @@ class GpuWindows:
         max_memclk = max(spec.mem_mhz if spec else 0.0, ref[1])
         tdp = spec.tdp_watts if spec else ref[2]
         util_mean = util_std = util_min = util_max = busy_frac = None
-        utils = present(_UTIL)
+        utils = [u for u in columns[_UTIL] if u is not None]  # checked when read
         if utils:
             n_util = len(utils)
             util_mean = sum(utils) / n_util
@@ -241,21 +231,28 @@ class GpuWindows:
             util_min, util_max = min(utils), max(utils)
             busy_pct = self.busy_pct
             busy_frac = len([u for u in utils if u >= busy_pct]) / n_util
-        power, limit, sm, memclk = mean(_POWER), mean(_LIMIT), mean(_SM), mean(_MEMCLK)
-        used, total, pcie = mean(_USED), mean(_TOTAL), mean(_PCIE)
+        power_mean, limit_mean, sm_mean, memclk_mean = mean(power), mean(limit), mean(sm), mean(memclk)
+        used, total = mean(finite(columns[_USED])), mean(finite(columns[_TOTAL]))
+        pcie_rx_tx = [(_num(rx), _num(tx)) for rx, tx in zip(columns[_PCIE_RX], columns[_PCIE_TX], strict=True)]
+        pcie = mean([(rx or 0.0) + (tx or 0.0) for rx, tx in pcie_rx_tx if rx is not None or tx is not None])
         features: dict[str, float | None] = {
             "util_mean": util_mean, "util_std": util_std, "util_min": util_min, "util_max": util_max,
-            "mem_pct": mean(_MEM_PCT),
+            "mem_pct": mean(finite(columns[_MEM_PCT])),
             "used_frac": used / total if used is not None and total else None,
             "used_gib": used / 2**30 if used is not None else None,
-            "power_frac": power / limit if power is not None and limit else None,
-            "limit_frac": limit / tdp if limit is not None and tdp else None,
-            "sm_frac": sm / max_sm if sm is not None and max_sm else None,
-            "memclk_frac": memclk / max_memclk if memclk is not None and max_memclk else None,
+            "power_frac": power_mean / limit_mean if power_mean is not None and limit_mean else None,
+            "limit_frac": limit_mean / tdp if limit_mean is not None and tdp else None,
+            "sm_frac": sm_mean / max_sm if sm_mean is not None and max_sm else None,
+            "memclk_frac": memclk_mean / max_memclk if memclk_mean is not None and max_memclk else None,
             "pcie_log": math.log10(1.0 + max(0.0, pcie)) if pcie is not None else None,
             "busy_frac": busy_frac,
         }
         return Window(uuid, index, acc.start, acc.start + self.window_s, acc.n, features, acc.last_event_id)
+
+
+def _finite(column: Iterable[Any]) -> list[float]:
+    """The finite numbers of a column (bools, strings, None, nan and inf are not)."""
+    return [v for v in column if (type(v) is float and v - v == 0.0) or type(v) is int]
 
 
 def host_windows(shared: dict[str, Any], window_s: float, busy_pct: float) -> GpuWindows:
