@@ -37,6 +37,9 @@ class WorkerMetrics:
                                     "Time to decode and run the detectors over one message.",
                                     buckets=_PROCESSING_BUCKETS, registry=r)
         self.checkpoints = Counter("gpusentry_worker_checkpoints", "Partition checkpoints written.", registry=r)
+        self.checkpoint_seconds = Histogram("gpusentry_worker_checkpoint_seconds",
+                                            "Time to write one partition checkpoint (processing waits for it).",
+                                            buckets=_PROCESSING_BUCKETS, registry=r)
         self.checkpoint_failures = Counter("gpusentry_worker_checkpoints_too_large",
                                            "Checkpoints not written because they exceeded worker.checkpoint_max_bytes.",
                                            registry=r)

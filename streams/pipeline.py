@@ -288,6 +288,7 @@ class Pipeline:
     async def _checkpoint(self, part: PartitionState, *, complete: bool = False) -> None:
         """Write partition ``part``'s snapshots; ``complete`` first re-snapshots every changed host."""
         # 1. everything sent so far is on the broker; 2. the snapshots and what they cover; 3. the acks.
+        started = time.perf_counter()
         await self._await_inflight()
         now = time.monotonic()
         for host in sorted(part.changed, key=lambda h: part.snapshot_at.get(h, -1e18)):
@@ -311,6 +312,7 @@ class Pipeline:
             return
         await self.io.write_checkpoint(part.number, blob)
         self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         waiting = []
         for item in part.pending:
             hosts, topic, offset, ack = item
