@@ -67,7 +67,7 @@ def fleet_messages(hosts: int, duration_s: float, seed: int = 7) -> list[tuple[s
                                   seed=seed, gpus=8)
         per_host.append(_batches(host, events))
     out = []
-    for ts, dataset, host, batch in heapq.merge(*per_host, key=lambda b: b[0]):
+    for _ts, dataset, host, batch in heapq.merge(*per_host, key=lambda b: b[0]):
         out.append((dataset, host, orjson.dumps(batch), batch))
     return out
 
