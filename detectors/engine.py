@@ -63,6 +63,16 @@ def discover() -> list[type[Detector]]:
 class HostState:
     detector_states: dict[str, Any] = field(default_factory=dict)
     incidents: HostIncidents = field(default_factory=HostIncidents)
+    # dataset -> [(detector, its state)]: what Engine.process runs, without a lookup per detector.
+    # Derived from detector_states, so it is left out of checkpoints and rebuilt on first use.
+    runs: dict[str, list[tuple[Detector, Any]]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"detector_states": self.detector_states, "incidents": self.incidents}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.runs = {}
 
 
 @dataclass(frozen=True)
@@ -114,9 +124,15 @@ class Engine:
         host = self._host(host_name)
         ts = event_time(event)
         findings: list[Finding] = []
-        for det in detectors or ():
+        runs = host.runs.get(dataset)
+        if runs is None:
+            states = host.detector_states
+            runs = host.runs[dataset] = [(det, states[det.id]) for det in detectors or ()]
+        for det, state in runs:
             try:
-                findings.extend(det.process(event, host.detector_states[det.id]))
+                found = det.process(event, state)
+                if found:
+                    findings.extend(found)
             except Exception as exc:
                 # Counted and handed to the caller for the dead-letter topic; never silent.
                 self.failure_counts[det.id] += 1

@@ -400,7 +400,10 @@ class MiningSignature(GpuModel):
         return out
 
     def score_one(self, x: Features) -> float:
-        parts = self.components(x)
+        return self.score_of(self.components(x))
+
+    def score_of(self, parts: Mapping[str, float]) -> float:
+        """The score of components already worked out (what a caller that shows them uses)."""
         return _clip01(sum(self.WEIGHTS[k] * v for k, v in parts.items()))
 
     def new_workload(self) -> None:

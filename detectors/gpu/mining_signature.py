@@ -78,8 +78,8 @@ class GpuMiningSignature(Detector):
         if window is None:
             return ()
         x = window.features
-        score = gpu.model.score_one(x)
         parts = gpu.model.components(x)
+        score = gpu.model.score_of(parts)
         gpu.model.learn_one(x)
         util = x.get("util_mean")
         if util is None or util < g.busy_gpu_pct:

@@ -94,6 +94,9 @@ class UnownedGpuProcess(Detector):
         if not procs:
             gpu.job.clear()  # nothing on the GPU: its job has ended
             return ()
+        job = gpu.job
+        if len(procs) == len(job) and all(p.pid in job for p in procs):
+            return ()  # the GPU's job and nothing else, as before: nothing to learn or report
         g = self.settings.gpu
         learning = g.learn_jobs_for_s > 0 and s.ts - state.first_seen < g.learn_jobs_for_s
         table = state.table
