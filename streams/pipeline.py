@@ -131,6 +131,7 @@ class Pipeline:
         self._published_ids: set[str] = set()
         self._published_signatures: set[tuple[Any, ...]] = set()
         self._inflight: list[Awaitable[Any]] = []
+        self._topic_counters: dict[str, tuple[Any, Any]] = {}
         self.stats = {"messages": 0, "events": 0, "alerts": 0, "deadletters": 0, "duplicates": 0,
                       "suppressed": 0, "skipped": 0}
 
@@ -144,7 +145,11 @@ class Pipeline:
             if part is None:
                 part = await self._restore(partition)
             started = time.perf_counter()
-            self.metrics.messages.labels(topic).inc()
+            counters = self._topic_counters.get(topic)
+            if counters is None:  # label lookups cost as much as the increments: once per topic
+                counters = self._topic_counters[topic] = (self.metrics.messages.labels(topic),
+                                                          self.metrics.events.labels(topic))
+            counters[0].inc()
             self.stats["messages"] += 1
             host_key = key.decode("utf-8", "replace") if key else None
             decoded = decode_message(value, key=host_key, max_bytes=self.max_message_bytes)
@@ -171,7 +176,7 @@ class Pipeline:
                     await self._publish(alert)
                 last_ts = event["@timestamp"]
             if decoded.events:
-                self.metrics.events.labels(topic).inc(len(decoded.events))
+                counters[1].inc(len(decoded.events))
                 self.stats["events"] += len(decoded.events)
             part.offsets[topic] = offset + 1
             unique = tuple(dict.fromkeys(hosts))
