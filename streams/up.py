@@ -205,8 +205,12 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
         cfg_args = ["--config", str(config_path)] if config_path else []
         children = [Child("worker", [*base, "worker", "--create-topics", *cfg_args], env, logs / "worker.log"),
                     Child("agent", [*base, "agent", "--output", "kafka", *cfg_args], env, logs / "agent.log")]
-        # Hook: alert delivery (`gpusentry forward`) would be one more Child here, started when
-        # [outputs] names destinations; `up` only shows and files the incidents itself.
+        # Alert delivery runs only when [outputs] enables a destination; `up` itself always shows
+        # and files the incidents.
+        from outputs.registry import enabled_output_names
+
+        if enabled_output_names(cfg):
+            children.append(Child("forwarder", [*base, "forward", *cfg_args], env, logs / "forwarder.log"))
         for child in children:
             child.start()
         if demo:
@@ -242,7 +246,7 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        console.print("stopping: demo, agent, worker, broker ...")
+        console.print("stopping: demo, forwarder, agent, worker, broker ...")
         if demo_thread is not None:
             demo_thread.stopping.set()
             demo_thread.join(10)

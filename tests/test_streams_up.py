@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from streams.up import DEMO_HOST, IncidentView, demo_batches
+from tests import outputs_receivers as rx
 
 pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
@@ -44,9 +45,14 @@ def test_incident_view_keeps_the_latest_update_per_incident():
 
 def test_up_demo_detects_within_a_minute_and_ctrl_c_stops_everything(tmp_path):
     incidents = tmp_path / "incidents.jsonl"
+    receivers = rx.Receivers().start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")}
     env.update({"GPUSENTRY_WORKER__INCIDENTS_FILE": str(incidents), "GPUSENTRY_KAFKA__PARTITIONS": "2",
-                "GPUSENTRY_AGENT__INTERVAL_S": "5"})
+                "GPUSENTRY_AGENT__INTERVAL_S": "5",
+                # An enabled output makes `up` start the forwarder too.
+                "GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true",
+                "GPUSENTRY_OUTPUTS__WEBHOOK__URL": receivers.base + rx.WEBHOOK_PATH,
+                "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": rx.WEBHOOK_SECRET})
     out = tmp_path / "up.out"
     with out.open("wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "up", "--demo"], cwd=tmp_path, env=env,
@@ -67,7 +73,13 @@ def test_up_demo_detects_within_a_minute_and_ctrl_c_stops_everything(tmp_path):
         assert found["gpusentry"]["alert"]["severity"] in ("medium", "high", "critical")
         children = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
-        assert "worker" in names and "broker" in names and "agent" in names
+        assert "worker" in names and "broker" in names and "agent" in names and "forward" in names
+        deadline = time.monotonic() + 30
+        while not receivers.received[rx.WEBHOOK_PATH] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        delivered = {a["host"]["name"] for a in receivers.received[rx.WEBHOOK_PATH]}
+        assert DEMO_HOST in delivered, "the forwarder started by `up` delivered no demo incident"
+        assert not receivers.violations
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(60)
     finally:
@@ -77,6 +89,7 @@ def test_up_demo_detects_within_a_minute_and_ctrl_c_stops_everything(tmp_path):
         for c in children:
             if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
                 c.kill()
+        receivers.stop()
     text = out.read_text()
     assert rc == 130, text[-3000:]
     gone = psutil.wait_procs(children, timeout=5)[1]
