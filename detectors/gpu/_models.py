@@ -49,6 +49,10 @@ def _clip01(v: float) -> float:
     return 0.0 if v < 0.0 else 1.0 if v > 1.0 else v
 
 
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is not None and v - v == 0.0 else None
+
+
 def _ramp(v: float, lo: float, hi: float) -> float:
     """0 at ``lo``, 1 at ``hi``, linear between (``lo > hi`` ramps downwards)."""
     return _clip01((v - lo) / (hi - lo))
@@ -366,15 +370,14 @@ class MiningSignature(GpuModel):
 
     def components(self, x: Features) -> dict[str, float]:
         """Each component's value in [0, 1] (0 when its inputs are missing)."""
-        def f(key: str) -> float | None:
-            v = x.get(key)
-            return v if v is not None and math.isfinite(v) else None
-
-        util_mean, util_std, util_min = f("util_mean"), f("util_std"), f("util_min")
-        used_gib, used_frac, mem_pct = f("used_gib"), f("used_frac"), f("mem_pct")
         out = dict.fromkeys(self.WEIGHTS, 0.0)
+        util_mean = _finite_or_none(x.get("util_mean"))
         if util_mean is None or util_mean < self.busy_pct:
-            return out
+            return out  # an idle window says nothing (and most windows of most GPUs stop here)
+        f = _finite_or_none
+        get = x.get
+        util_std, util_min = f(get("util_std")), f(get("util_min"))
+        used_gib, used_frac, mem_pct = f(get("used_gib")), f(get("used_frac")), f(get("mem_pct"))
         if util_std is not None:
             # A plateau: throttled miners flatten at the intensity they are set to, not only at 100 %.
             out["flat"] = _ramp(util_mean, 50, 85) * _ramp(util_std, 8, 3)
@@ -384,10 +387,11 @@ class MiningSignature(GpuModel):
             out["small_footprint"] = 1.0 if small else 0.0
         if small and mem_pct is not None:
             out["memory_bound"] = _ramp(mem_pct, 40, 70)
-        pcie_log = f("pcie_log")
+        pcie_log = f(get("pcie_log"))
         if pcie_log is not None:
             out["quiet_pcie"] = _ramp(pcie_log, 8.0, 7.0)  # 100 MB/s -> 0, 10 MB/s -> 1
-        limit_frac, sm_frac, power_frac, memclk = f("limit_frac"), f("sm_frac"), f("power_frac"), f("memclk_frac")
+        limit_frac, sm_frac = f(get("limit_frac")), f(get("sm_frac"))
+        power_frac, memclk = f(get("power_frac")), f(get("memclk_frac"))
         capped = limit_frac is not None and limit_frac <= 0.85
         underclocked = (sm_frac is not None and sm_frac <= 0.8 and power_frac is not None and power_frac <= 0.85
                         and (memclk is None or memclk >= 0.97))

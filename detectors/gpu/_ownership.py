@@ -136,7 +136,8 @@ class Allowlist:
     def allows(self, proc: GpuProc, info: ProcInfo | None) -> bool:
         exe = proc.executable or (info.executable if info else None)
         if exe:
-            if self._exe_allowed(exe):
+            verdict = self._exe_verdicts.get(exe)
+            if verdict or (verdict is None and self._exe_allowed(exe)):
                 return True
         else:
             name = proc.name or (info.name if info else None)

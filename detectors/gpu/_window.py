@@ -13,7 +13,7 @@ arrives; its summary is a plain dict of floats (``None`` where the hardware repo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ class Sample:
     util: float | None
     limit: float | None
     procs: list[GpuProc] | None  # None: not reported
+    pids: tuple[int, ...] | None  # the pids of procs, in order (cheap to compare with the last sample's)
     # The numbers windows summarise (columns _UTIL.._TOTAL), as reported: only util and limit,
     # which detectors read per sample, are checked here; the window drops what is not a finite
     # number when it closes, once for all its samples.
@@ -67,7 +68,7 @@ def _num(value: Any) -> float | None:
 def _procs(raw: Any) -> list[GpuProc] | None:
     if type(raw) is not list:
         return None
-    out = []
+    out: list[GpuProc] = []
     for p in raw:
         if type(p) is not dict:
             continue
@@ -95,7 +96,7 @@ def read_sample(event: dict[str, Any]) -> Sample:
     global _last
     eid = event["event"]["id"]
     last = _last
-    if last is not None and last[0] is event and last[1] == eid:
+    if last is not None and last[0] is event and last[1] is eid:  # the same object, not changed since
         return last[2]
     g = event["gpu"]
     util = g.get("utilization") or _EMPTY
@@ -105,8 +106,9 @@ def read_sample(event: dict[str, Any]) -> Sample:
     pcie = g.get("pcie") or _EMPTY
     name = g.get("name")
     gpu_pct, limit = _num(util.get("gpu_pct")), _num(power.get("limit_watts"))
+    procs = _procs(g.get("processes"))
     sample = Sample(event_time(event), eid, g["uuid"], g["index"], name if type(name) is str else None,
-                    gpu_pct, limit, _procs(g.get("processes")),
+                    gpu_pct, limit, procs, None if procs is None else tuple([p.pid for p in procs]),
                     (gpu_pct, util.get("memory_pct"), power.get("draw_watts"), limit, clocks.get("sm_mhz"),
                      clocks.get("mem_mhz"), pcie.get("rx_bytes_per_s"), pcie.get("tx_bytes_per_s"),
                      mem.get("used_bytes"), mem.get("total_bytes")))
@@ -204,20 +206,17 @@ class GpuWindows:
 
     def _close(self, uuid: str, index: int, acc: _Acc) -> Window:
         columns = list(zip(*acc.rows, strict=True))
-        finite = _finite
-
-        def mean(values: list[float]) -> float | None:
-            return sum(values) / len(values) if values else None
-
-        power, limit, sm, memclk = (finite(columns[i]) for i in (_POWER, _LIMIT, _SM, _MEMCLK))
+        limit, sm, memclk = _finite(columns[_LIMIT]), _finite(columns[_SM]), _finite(columns[_MEMCLK])
         ref = self._ref.get(uuid)
         if ref is None:
             ref = self._ref[uuid] = [0.0, 0.0, 0.0, None]
         if acc.name:
             ref[3] = acc.name
         for slot, values in ((0, sm), (1, memclk), (2, limit)):
-            if values and max(values) > ref[slot]:
-                ref[slot] = max(values)
+            if values:
+                top = max(values)
+                if top > ref[slot]:
+                    ref[slot] = top
         spec = spec_for(ref[3])
         max_sm = max(spec.max_sm_mhz if spec else 0.0, ref[0])
         max_memclk = max(spec.mem_mhz if spec else 0.0, ref[1])
@@ -231,13 +230,17 @@ class GpuWindows:
             util_min, util_max = min(utils), max(utils)
             busy_pct = self.busy_pct
             busy_frac = len([u for u in utils if u >= busy_pct]) / n_util
-        power_mean, limit_mean, sm_mean, memclk_mean = mean(power), mean(limit), mean(sm), mean(memclk)
-        used, total = mean(finite(columns[_USED])), mean(finite(columns[_TOTAL]))
-        pcie_rx_tx = [(_num(rx), _num(tx)) for rx, tx in zip(columns[_PCIE_RX], columns[_PCIE_TX], strict=True)]
-        pcie = mean([(rx or 0.0) + (tx or 0.0) for rx, tx in pcie_rx_tx if rx is not None or tx is not None])
+        power_mean, limit_mean, sm_mean, memclk_mean = _mean(columns[_POWER]), _mean(limit), _mean(sm), _mean(memclk)
+        used, total = _mean(columns[_USED]), _mean(columns[_TOTAL])
+        rx, tx = columns[_PCIE_RX], columns[_PCIE_TX]
+        if _finite(rx) is rx and _finite(tx) is tx:  # both reported by every sample
+            pcie = _mean([a + b for a, b in zip(rx, tx, strict=True)])
+        else:
+            rx_tx = [(_num(a), _num(b)) for a, b in zip(rx, tx, strict=True)]
+            pcie = _mean([(a or 0.0) + (b or 0.0) for a, b in rx_tx if a is not None or b is not None])
         features: dict[str, float | None] = {
             "util_mean": util_mean, "util_std": util_std, "util_min": util_min, "util_max": util_max,
-            "mem_pct": mean(finite(columns[_MEM_PCT])),
+            "mem_pct": _mean(columns[_MEM_PCT]),
             "used_frac": used / total if used is not None and total else None,
             "used_gib": used / 2**30 if used is not None else None,
             "power_frac": power_mean / limit_mean if power_mean is not None and limit_mean else None,
@@ -250,9 +253,21 @@ class GpuWindows:
         return Window(uuid, index, acc.start, acc.start + self.window_s, acc.n, features, acc.last_event_id)
 
 
-def _finite(column: Iterable[Any]) -> list[float]:
-    """The finite numbers of a column (bools, strings, None, nan and inf are not)."""
+def _finite(column: Sequence[Any]) -> Sequence[float]:
+    """The finite numbers of a column (None, strings, nan and inf are not): the column itself when all are."""
+    try:
+        total = sum(column)
+    except TypeError:  # a None (not reported) or something that is not a number
+        pass
+    else:
+        if total - total == 0.0:
+            return column
     return [v for v in column if (type(v) is float and v - v == 0.0) or type(v) is int]
+
+
+def _mean(column: Sequence[Any]) -> float | None:
+    values = _finite(column)
+    return sum(values) / len(values) if values else None
 
 
 def host_windows(shared: dict[str, Any], window_s: float, busy_pct: float) -> GpuWindows:

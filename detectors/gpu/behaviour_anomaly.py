@@ -77,7 +77,7 @@ class GpuBehaviourAnomaly(Detector):
                                                                g.anomaly_reference_windows, self.settings.seed))
         window = state.windows.add(s)
         findings: list[Finding] = []
-        if window is not None:
+        if window is not None:  # the sample closed a window: score it, then learn it unless it is flagged
             x = window.features
             model = gpu.model
             score = model.score_one(x)

@@ -53,15 +53,16 @@ class GpuDrift(Detector):
         s = read_sample(event)
         g = self.settings.gpu
         findings: list[Finding] = []
-        fields = {"gpu.index": s.index, "gpu.uuid": s.uuid}
-        if s.limit is not None and s.limit > 0:
+        limit = s.limit
+        if limit is not None and limit > 0:
             before = state.limits.get(s.uuid)
-            state.limits[s.uuid] = s.limit
-            if before and abs(s.limit - before) / before * 100 > g.power_limit_change_pct:
-                verb = "lowered" if s.limit < before else "raised"
-                findings.append(self.finding(
-                    event, f"GPU {s.index} power limit {verb} from {before:.0f} W to {s.limit:.0f} W",
-                    timestamp=s.ts, fields=fields))
+            if before != limit:
+                state.limits[s.uuid] = limit
+                if before and abs(limit - before) / before * 100 > g.power_limit_change_pct:
+                    verb = "lowered" if limit < before else "raised"
+                    findings.append(self.finding(
+                        event, f"GPU {s.index} power limit {verb} from {before:.0f} W to {limit:.0f} W",
+                        timestamp=s.ts, fields={"gpu.index": s.index, "gpu.uuid": s.uuid}))
         window = state.windows.add(s)
         if window is not None:
             monitor = state.monitors.get(window.uuid)

@@ -90,6 +90,8 @@ class DutyCycledGpu(Detector):
         if s.procs:
             gpu.lists_processes = True
         if busy:
+            if gpu.phase_owned and gpu.busy:
+                return ()  # an owned busy phase stays owned until it ends
             if not gpu.busy:
                 gpu.busy, gpu.phase_owned, gpu.phase_visible = True, False, False
             # An empty list counts only on a GPU known to list its processes (vGPU guests and MIG

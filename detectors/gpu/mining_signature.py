@@ -19,7 +19,7 @@ class _GpuState:
     model: MiningSignature
     recent: deque[float]  # signature scores of the last busy windows
     pids: frozenset[int] = frozenset()  # the processes on the GPU, to notice a change of workload
-    listed: list[int] = field(default_factory=list)  # the pids as last listed (the cheap same-as-before check)
+    listed: tuple[int, ...] = ()  # the pids as last listed (the cheap same-as-before check)
 
 
 @dataclass
@@ -65,15 +65,14 @@ class GpuMiningSignature(Detector):
         if gpu is None:
             gpu = state.gpus[sample.uuid] = _GpuState(MiningSignature(g.signature_history, g.busy_gpu_pct),
                                                       deque(maxlen=g.signature_history))
-        if sample.procs:
-            listed = [p.pid for p in sample.procs]
-            if listed != gpu.listed:
-                gpu.listed = listed
-                pids = frozenset(listed)
-                if pids != gpu.pids:
-                    if gpu.pids:
-                        gpu.model.new_workload()
-                    gpu.pids = pids
+        listed = sample.pids
+        if listed and listed != gpu.listed:
+            gpu.listed = listed
+            pids = frozenset(listed)
+            if pids != gpu.pids:
+                if gpu.pids:
+                    gpu.model.new_workload()
+                gpu.pids = pids
         window = state.windows.add(sample)
         if window is None:
             return ()

@@ -95,8 +95,9 @@ class UnownedGpuProcess(Detector):
             gpu.job.clear()  # nothing on the GPU: its job has ended
             return ()
         job = gpu.job
-        if len(procs) == len(job) and all(p.pid in job for p in procs):
-            return ()  # the GPU's job and nothing else, as before: nothing to learn or report
+        if len(procs) == len(job) and job.issuperset(s.pids or ()):
+            # The GPU's job and nothing else (NVML lists a pid once per GPU): nothing to learn or report.
+            return ()
         g = self.settings.gpu
         learning = g.learn_jobs_for_s > 0 and s.ts - state.first_seen < g.learn_jobs_for_s
         table = state.table
