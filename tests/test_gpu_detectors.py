@@ -202,3 +202,27 @@ def test_detectors_sharing_a_hosts_windows_and_process_table_find_what_each_find
         assert restored["gpu.drift"].windows is restored["gpu.behaviour_anomaly"].windows, "checkpoints keep sharing"
         assert len(pickle.dumps(together)) < len(pickle.dumps(alone))
     assert found >= {"gpu.unowned_process", "gpu.mining_signature", "gpu.duty_cycle"}
+
+
+def test_window_close_shortcut_for_complete_samples_matches_the_general_summary():
+    """Windows whose samples all report finite numbers take a shortcut; it must give the same features."""
+    import random
+
+    from detectors.gpu._window import _Acc
+
+    rng = random.Random(11)
+    for _ in range(50):
+        acc = _Acc(0.0, name="NVIDIA A100-SXM4-80GB")
+        for _ in range(rng.randint(1, 12)):
+            acc.rows.append((rng.choice([rng.uniform(0, 100), 100, 0]), rng.uniform(0, 100), rng.uniform(50, 400),
+                             rng.choice([250.0, 400]), rng.uniform(800, 1500), 1593, rng.uniform(0, 1e9),
+                             rng.choice([0, rng.uniform(0, 1e9)]), rng.randint(0, 80 << 30), 80 << 30))
+            acc.n += 1
+        columns = list(zip(*acc.rows, strict=True))
+        quick = GpuWindows(30, 20)._close(f"GPU-{_}", 0, acc)
+        general = GpuWindows(30, 20)._close_general(f"GPU-{_}", 0, acc, columns)
+        assert quick.features == general.features
+    # A missing number takes the general path.
+    acc.rows.append((None,) * 10)
+    acc.n += 1
+    assert GpuWindows(30, 20)._close("GPU-x", 0, acc).samples == acc.n

@@ -206,6 +206,18 @@ class GpuWindows:
 
     def _close(self, uuid: str, index: int, acc: _Acc) -> Window:
         columns = list(zip(*acc.rows, strict=True))
+        try:
+            sums = [sum(column) for column in columns]
+            total = sum(sums)
+            complete = total - total == 0.0  # every sample reported every number, all finite
+        except TypeError:  # a None (not reported) somewhere, or something that is not a number
+            complete = False
+        if complete:
+            return self._close_complete(uuid, index, acc, columns, sums)
+        return self._close_general(uuid, index, acc, columns)
+
+    def _close_general(self, uuid: str, index: int, acc: _Acc, columns: list[tuple[Any, ...]]) -> Window:
+        """Summarise a window whose samples may lack numbers or carry non-finite ones."""
         limit, sm, memclk = _finite(columns[_LIMIT]), _finite(columns[_SM]), _finite(columns[_MEMCLK])
         ref = self._ref.get(uuid)
         if ref is None:
@@ -249,6 +261,45 @@ class GpuWindows:
             "memclk_frac": memclk_mean / max_memclk if memclk_mean is not None and max_memclk else None,
             "pcie_log": math.log10(1.0 + max(0.0, pcie)) if pcie is not None else None,
             "busy_frac": busy_frac,
+        }
+        return Window(uuid, index, acc.start, acc.start + self.window_s, acc.n, features, acc.last_event_id)
+
+    def _close_complete(self, uuid: str, index: int, acc: _Acc, columns: list[tuple[Any, ...]],
+                        sums: list[float]) -> Window:
+        """:meth:`_close` when every sample reported every number: the same figures, from whole-column sums."""
+        n = len(columns[0])
+        ref = self._ref.get(uuid)
+        if ref is None:
+            ref = self._ref[uuid] = [0.0, 0.0, 0.0, None]
+        if acc.name:
+            ref[3] = acc.name
+        for slot, i in ((0, _SM), (1, _MEMCLK), (2, _LIMIT)):
+            top = max(columns[i])
+            if top > ref[slot]:
+                ref[slot] = top
+        spec = spec_for(ref[3])
+        max_sm = max(spec.max_sm_mhz if spec else 0.0, ref[0])
+        max_memclk = max(spec.mem_mhz if spec else 0.0, ref[1])
+        tdp = spec.tdp_watts if spec else ref[2]
+        utils = columns[_UTIL]
+        util_mean = sums[_UTIL] / n
+        busy_pct = self.busy_pct
+        power, limit, sm, memclk = sums[_POWER] / n, sums[_LIMIT] / n, sums[_SM] / n, sums[_MEMCLK] / n
+        used, total = sums[_USED] / n, sums[_TOTAL] / n
+        pcie = sum([a + b for a, b in zip(columns[_PCIE_RX], columns[_PCIE_TX], strict=True)]) / n
+        features: dict[str, float | None] = {
+            "util_mean": util_mean,
+            "util_std": math.sqrt(max(0.0, sum([u * u for u in utils]) / n - util_mean * util_mean)),
+            "util_min": min(utils), "util_max": max(utils),
+            "mem_pct": sums[_MEM_PCT] / n,
+            "used_frac": used / total if total else None,
+            "used_gib": used / 2**30,
+            "power_frac": power / limit if limit else None,
+            "limit_frac": limit / tdp if tdp else None,
+            "sm_frac": sm / max_sm if max_sm else None,
+            "memclk_frac": memclk / max_memclk if max_memclk else None,
+            "pcie_log": math.log10(1.0 + max(0.0, pcie)),
+            "busy_frac": len([u for u in utils if u >= busy_pct]) / n,
         }
         return Window(uuid, index, acc.start, acc.start + self.window_s, acc.n, features, acc.last_event_id)
 
