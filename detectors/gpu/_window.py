@@ -84,6 +84,11 @@ def _procs(raw: Any) -> list[GpuProc] | None:
 
 
 _EMPTY: dict[str, Any] = {}
+# uuid -> (the raw process list of its last sample, what it parsed to, its pids).  A GPU's process list
+# rarely changes between samples; comparing it with the last one costs less than parsing it again.
+# Parsed process lists are never changed once built, so samples may share one.
+_PROCS_SEEN: dict[str, tuple[list[Any], list[GpuProc], tuple[int, ...]]] = {}
+_PROCS_SEEN_MAX = 65536
 _last: tuple[dict[str, Any], str, Sample] | None = None
 
 
@@ -106,9 +111,21 @@ def read_sample(event: dict[str, Any]) -> Sample:
     pcie = g.get("pcie") or _EMPTY
     name = g.get("name")
     gpu_pct, limit = _num(util.get("gpu_pct")), _num(power.get("limit_watts"))
-    procs = _procs(g.get("processes"))
-    sample = Sample(event_time(event), eid, g["uuid"], g["index"], name if type(name) is str else None,
-                    gpu_pct, limit, procs, None if procs is None else tuple([p.pid for p in procs]),
+    uuid = g["uuid"]
+    raw = g.get("processes")
+    seen = _PROCS_SEEN.get(uuid)
+    if seen is not None and seen[0] == raw:
+        procs: list[GpuProc] | None = seen[1]
+        pids: tuple[int, ...] | None = seen[2]
+    else:
+        procs = _procs(raw)
+        pids = None if procs is None else tuple([p.pid for p in procs])
+        if procs is not None:
+            if len(_PROCS_SEEN) >= _PROCS_SEEN_MAX:
+                _PROCS_SEEN.clear()
+            _PROCS_SEEN[uuid] = (raw, procs, pids or ())
+    sample = Sample(event_time(event), eid, uuid, g["index"], name if type(name) is str else None,
+                    gpu_pct, limit, procs, pids,
                     (gpu_pct, util.get("memory_pct"), power.get("draw_watts"), limit, clocks.get("sm_mhz"),
                      clocks.get("mem_mhz"), pcie.get("rx_bytes_per_s"), pcie.get("tx_bytes_per_s"),
                      mem.get("used_bytes"), mem.get("total_bytes")))
