@@ -40,11 +40,14 @@ class ProcInfo:
 class ProcessTable:
     """pid -> what the last process ``start`` event said about it (ended pids are dropped)."""
 
-    __slots__ = ("procs", "_last")
+    __slots__ = ("procs", "_last", "version", "verdicts")
 
     def __init__(self) -> None:
         self.procs: dict[int, ProcInfo] = {}
         self._last: dict[str, Any] | None = None  # the event observed last (detectors of a host share a table)
+        self.version = 0  # changes whenever procs does
+        # uuid -> (allowlist, process list, version, verdicts): owned_flags' memo (not checkpointed)
+        self.verdicts: dict[str, tuple[Allowlist, list[GpuProc], int, list[bool]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"procs": self.procs}
@@ -52,11 +55,14 @@ class ProcessTable:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.procs = state["procs"]
         self._last = None
+        self.version = 0
+        self.verdicts = {}
 
     def observe(self, event: dict[str, Any]) -> None:
         if event is self._last:
             return  # another detector of this host passed the same event on
         self._last = event
+        self.version += 1
         p = event.get("process") or {}
         pid = p.get("pid")
         if type(pid) is not int:
@@ -160,8 +166,18 @@ def owned_flags(sample: Sample, allowlist: Allowlist, table: ProcessTable) -> li
     cached = sample.owned
     if cached is not None and cached[0] is allowlist and cached[1] is table:
         return cached[2]
-    procs = table.procs
-    flags = [allowlist.allows(p, procs.get(p.pid)) for p in sample.procs or ()]
+    listed = sample.procs or []
+    # A GPU's unchanged process list (read_sample reuses the parsed list) with an unchanged
+    # process table has the verdicts it had on the last sample.
+    memo = table.verdicts.get(sample.uuid)
+    if memo is not None and memo[0] is allowlist and memo[1] is listed and memo[2] == table.version:
+        flags = memo[3]
+    else:
+        procs = table.procs
+        flags = [allowlist.allows(p, procs.get(p.pid)) for p in listed]
+        if len(table.verdicts) >= MAX_PROCESSES:
+            table.verdicts.clear()
+        table.verdicts[sample.uuid] = (allowlist, listed, table.version, flags)
     sample.owned = (allowlist, table, flags)
     return flags
 
