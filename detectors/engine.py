@@ -121,7 +121,7 @@ class Engine:
         if not detectors and dataset == Dataset.ALERT.value:
             return []
         host_name = event["host"]["name"]
-        host = self._host(host_name)
+        host = self.hosts.get(host_name) or self._host(host_name)
         ts = event_time(event)
         findings: list[Finding] = []
         runs = host.runs.get(dataset)

@@ -76,7 +76,7 @@ class GpuBehaviourAnomaly(Detector):
             gpu = state.gpus[s.uuid] = _Gpu(HalfSpaceBehaviour(g.anomaly_trees, g.anomaly_tree_height,
                                                                g.anomaly_reference_windows, self.settings.seed))
         window = state.windows.add(s)
-        findings: list[Finding] = []
+        findings: list[Finding] | tuple[()] = ()
         if window is not None:  # the sample closed a window: score it, then learn it unless it is flagged
             x = window.features
             model = gpu.model
@@ -85,10 +85,10 @@ class GpuBehaviourAnomaly(Detector):
             if not flagged or gpu.owned:
                 model.learn_one(x)  # a new allowlisted job is the GPU's new normal
             if flagged and not gpu.owned:
-                findings.append(self.finding(
+                findings = [self.finding(
                     event, f"GPU {window.index} window unlike its normal (score {score:.2f}, "
                     f"utilisation {x.get('util_mean') or 0:.0f} %, memory controller {x.get('mem_pct') or 0:.0f} %)",
-                    timestamp=s.ts, score=score, fields={"gpu.index": window.index, "gpu.uuid": window.uuid}))
+                    timestamp=s.ts, score=score, fields={"gpu.index": window.index, "gpu.uuid": window.uuid})]
             gpu.owned = True
         procs = s.procs
         if procs:
