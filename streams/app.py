@@ -8,13 +8,15 @@ event to the detection engine.  Nothing in :mod:`detectors` imports faust.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.sensors import Monitor
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
@@ -43,6 +45,69 @@ class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class _LowLatencyConsumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - the consumer's own loop
+        """faust's ``Consumer._drain_messages`` (faust-streaming 0.15) with a fast path for each message.
+
+        faust delivers every message as ``wait_first(callback(message), suspend_flow.wait())``: two tasks
+        and an ``asyncio.wait`` per message, so that a rebalance can abandon a delivery that blocks.  A
+        delivery blocks only while flow control is suspended, the producer buffer is over its limit or a
+        stream's buffer is full; when none of these holds, the callback finishes without waiting, and it
+        is awaited directly.  Otherwise (and so during every rebalance) faust's own path is taken.
+        """
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = cast(Any, self)._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
+        commit_every = self._commit_every
+        app = self.app
+        acks_enabled_for = app.topics.acks_enabled_for
+        flow_active = app.flow_control.is_active
+        producer_buffer = app.producer.buffer
+        channels = cast(Any, app.topics)._topics  # the conductor's subscribed channels
+        suspended = self.suspend_flow.is_set
+        yield_every, since_yield = 100, 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                ait = cast(Any, getmany(timeout=1.0))
+                await self.sleep(0)
+                if not self.should_stop:
+                    async for tp, message in ait:
+                        since_yield += 1
+                        if since_yield > yield_every:
+                            await asyncio.sleep(0)
+                            since_yield = 0
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is None or offset >= r_offset:
+                            gap = offset - (r_offset or 0)
+                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                                await self._add_gap(tp, r_offset + 1, offset)
+                            if commit_every is not None and self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                            if (not suspended() and flow_active()
+                                    and producer_buffer.size <= producer_buffer.max_messages
+                                    and not any(chan.queue.full() for chan in channels)):
+                                await callback(message)
+                            else:
+                                await self.wait_first(callback(message), self.suspend_flow.wait())
+                            set_read_offset(tp, offset)
+                    unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
 
 
 class LowLatencyTransport(faust_aiokafka.Transport):
