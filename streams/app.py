@@ -66,7 +66,10 @@ class _LowLatencyConsumer(faust_aiokafka.Consumer):
         app = self.app
         acks_enabled_for = app.topics.acks_enabled_for
         flow_active = app.flow_control.is_active
-        producer_buffer = app.producer.buffer
+        # faust's ProducerBuffer.size reads a setting on every call; which queue it counts is fixed.
+        producer_buffer: Any = app.producer.buffer
+        producer_queue = producer_buffer.queue if app.conf.producer_threaded else producer_buffer.pending
+        producer_max = producer_buffer.max_messages
         channels = cast(Any, app.topics)._topics  # the conductor's subscribed channels
         suspended = self.suspend_flow.is_set
         yield_every, since_yield = 100, 0
@@ -91,7 +94,7 @@ class _LowLatencyConsumer(faust_aiokafka.Consumer):
                                 self._n_acked = 0
                                 await self.commit()
                             if (not suspended() and flow_active()
-                                    and producer_buffer.size <= producer_buffer.max_messages
+                                    and (not producer_queue or producer_queue.qsize() <= producer_max)
                                     and not any(chan.queue.full() for chan in channels)):
                                 await callback(message)
                             else:
