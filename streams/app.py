@@ -43,8 +43,30 @@ class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class _LowLatencyConsumer(faust_aiokafka.Consumer):
+    _producer_threaded: bool | None = None  # app.conf.producer_threaded, read once
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def delivery_cannot_block(self) -> bool:
+        """True when faust's delivery of a message (the conductor's callback) finishes without waiting.
+
+        It waits only while flow control is suspended (a rebalance), faust's producer buffer is over its
+        limit, or a stream's buffer is full.
+        """
+        if self.suspend_flow.is_set():
+            return False
+        app = self.app
+        if not app.flow_control.is_active():
+            return False
+        # faust's ProducerBuffer.size reads a setting on every call; which queue it counts is fixed.
+        if self._producer_threaded is None:
+            self._producer_threaded = bool(app.conf.producer_threaded)
+        buffer: Any = app.producer.buffer
+        queue = buffer.queue if self._producer_threaded else buffer.pending
+        if queue and queue.qsize() > buffer.max_messages:
+            return False
+        return not any(chan.queue.full() for chan in cast(Any, app.topics)._topics)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - the consumer's own loop
         """faust's ``Consumer._drain_messages`` (faust-streaming 0.15) with a fast path for each message.
@@ -63,15 +85,8 @@ class _LowLatencyConsumer(faust_aiokafka.Consumer):
         set_read_offset = self._read_offset.__setitem__
         set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
         commit_every = self._commit_every
-        app = self.app
-        acks_enabled_for = app.topics.acks_enabled_for
-        flow_active = app.flow_control.is_active
-        # faust's ProducerBuffer.size reads a setting on every call; which queue it counts is fixed.
-        producer_buffer: Any = app.producer.buffer
-        producer_queue = producer_buffer.queue if app.conf.producer_threaded else producer_buffer.pending
-        producer_max = producer_buffer.max_messages
-        channels = cast(Any, app.topics)._topics  # the conductor's subscribed channels
-        suspended = self.suspend_flow.is_set
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        cannot_block = self.delivery_cannot_block
         yield_every, since_yield = 100, 0
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
@@ -93,9 +108,7 @@ class _LowLatencyConsumer(faust_aiokafka.Consumer):
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0
                                 await self.commit()
-                            if (not suspended() and flow_active()
-                                    and (not producer_queue or producer_queue.qsize() <= producer_max)
-                                    and not any(chan.queue.full() for chan in channels)):
+                            if cannot_block():
                                 await callback(message)
                             else:
                                 await self.wait_first(callback(message), self.suspend_flow.wait())
