@@ -9,6 +9,7 @@ event to the detection engine.  Nothing in :mod:`detectors` imports faust.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = _fetch_max_wait_ms  # read by AIOKafkaConsumer.start()
         return consumer
+
+
+# The message loop below is a copy of faust-streaming 0.15's with one change; on any other faust release the
+# copy could be out of step with faust's internals, so faust's own loop runs there instead.
+FAUST_LOOP_COPIED_FROM = "0.15."
+_faust_loop_matches = importlib.metadata.version("faust-streaming").startswith(FAUST_LOOP_COPIED_FROM)
 
 
 class _LowLatencyConsumer(faust_aiokafka.Consumer):
@@ -77,6 +84,9 @@ class _LowLatencyConsumer(faust_aiokafka.Consumer):
         stream's buffer is full; when none of these holds, the callback finishes without waiting, and it
         is awaited directly.  Otherwise (and so during every rebalance) faust's own path is taken.
         """
+        if not _faust_loop_matches:
+            await super()._drain_messages(fetcher)
+            return
         callback = self.callback
         getmany = self.getmany
         consumer_should_stop = cast(Any, self)._stopped.is_set

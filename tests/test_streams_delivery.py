@@ -43,3 +43,12 @@ def test_direct_delivery_only_when_nothing_can_make_it_wait():
         assert consumer.delivery_cannot_block()
 
     asyncio.run(check())
+
+
+def test_the_copied_message_loop_runs_only_on_the_faust_release_it_was_copied_from():
+    import importlib.metadata
+
+    from streams import app
+
+    installed = importlib.metadata.version("faust-streaming")
+    assert app._faust_loop_matches == installed.startswith(app.FAUST_LOOP_COPIED_FROM)
