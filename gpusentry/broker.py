@@ -113,6 +113,9 @@ class EmbeddedBroker:
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # A session of its own: Ctrl-C in a terminal reaches the whole foreground process group, and
+            # the broker must outlive the clients that are still draining; its owner stops it last.
+            start_new_session=True,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
         if not wait_for_port(self.host, self.port, self.startup_timeout) or not self.running:

@@ -246,7 +246,9 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        console.print("stopping: demo, forwarder, agent, worker, broker ...")
+        parts = (["demo"] if demo_thread is not None else []) + [c.name for c in reversed(children)] + \
+            (["broker"] if broker is not None else [])
+        console.print(f"stopping: {', '.join(parts)} ...")
         if demo_thread is not None:
             demo_thread.stopping.set()
             demo_thread.join(10)
