@@ -202,7 +202,7 @@ def test_driver_restart_reinitialises_and_reenumerates(caplog):
     (True, False, "NVMLError_DriverNotLoaded"),
 ])
 def test_no_nvml_at_all_is_one_clear_line(caplog, library, driver, expected):
-    col = collector(FakeNvml([], library_present=library, driver_loaded=driver))
+    col = collector(FakeNvml([], shared_object_present=library, driver_loaded=driver))
     with caplog.at_level(logging.WARNING, logger="agents.gpu"):
         assert col.start() is False
         assert col.collect(1.0) == []

@@ -84,10 +84,10 @@ class FakeHandle:
 class FakeNvml:
     """The fake library state: GPUs, driver and library presence, init refcount, call log."""
 
-    def __init__(self, gpus: list[FakeGpu] | None = None, *, library_present: bool = True,
+    def __init__(self, gpus: list[FakeGpu] | None = None, *, shared_object_present: bool = True,
                  driver_loaded: bool = True) -> None:
         self.gpus = list(gpus or [])
-        self.library_present = library_present
+        self.shared_object_present = shared_object_present
         self.driver_loaded = driver_loaded
         self.refcount = 0
         self.generation = 0  # bumped by a driver reload: old sessions and handles go stale
@@ -144,7 +144,7 @@ class FakeNvml:
 
         def nvmlInit() -> None:
             lib.calls.append("nvmlInit")
-            if not lib.library_present:
+            if not lib.shared_object_present:
                 lib._raise(_real.NVML_ERROR_LIBRARY_NOT_FOUND)
             if not lib.driver_loaded:
                 lib._raise(_real.NVML_ERROR_DRIVER_NOT_LOADED)
