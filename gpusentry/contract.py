@@ -427,35 +427,45 @@ _DATASET_CHECKS = {
 
 
 def _compile_fast_check(dataset: Dataset) -> Callable[[dict[str, Any]], bool]:
-    """Straight-line Python that checks every field of ``dataset`` events, generated from the field specs."""
+    """Straight-line Python that checks every field of ``dataset`` events, generated from the field specs.
+
+    A missing or odd parent object is bound to an empty dict, so every field costs one ``get`` and
+    one type test: a missing value reads as ``None``, whose type fails every type a field allows
+    unless the field is optional or nullable (then ``NoneType`` is among the allowed types).
+    """
     specs = list(COMMON_FIELDS) + list(DATASET_FIELDS[dataset])
-    env: dict[str, Any] = {"M": _MISSING, "parse_timestamp": parse_timestamp, "KIND": DATASET_ECS[dataset][0],
-                           "EXTRA": _DATASET_CHECKS.get(dataset)}
+    env: dict[str, Any] = {"M": _MISSING, "E": {}, "parse_timestamp": parse_timestamp,
+                           "KIND": DATASET_ECS[dataset][0],
+                           "EXTRA": None if dataset is Dataset.GPU else _DATASET_CHECKS.get(dataset)}
     code = ["def check(event):"]
     nodes: dict[tuple[str, ...], str] = {(): "event"}
     for i, spec in enumerate(specs):
         parent = spec.parts[:-1]
-        for depth in range(1, len(parent) + 1):  # bind each parent object once, None when absent or odd
+        for depth in range(1, len(parent) + 1):  # bind each parent object once, E when absent or odd
             path = parent[:depth]
             if path not in nodes:
                 name = nodes[path] = f"n{len(nodes)}"
-                outer = nodes[path[:-1]]
-                code.append(f"    {name} = {outer}.get({path[-1]!r}) if {outer} is not None else None")
-                code.append(f"    if type({name}) is not dict: {name} = None")
-        node = nodes[parent]
-        env[f"T{i}"] = spec.types
-        env[f"C{i}"] = spec.choices
-        type_test = f"type(v) is not {spec.types[0].__name__}" if len(spec.types) == 1 else f"type(v) not in T{i}"
-        if spec.required:
-            code.append(f"    if {node} is None: return False")
-        code.append(f"    v = {node}.get({spec.parts[-1]!r}, M) if {node} is not None else M")
-        missing = "return False" if spec.required else "pass"
-        null = "pass" if spec.nullable else "return False"
-        code.append(f"    if v is M: {missing}")
-        code.append(f"    elif v is None: {null}")
-        code.append(f"    elif {type_test}: return False")
-        if spec.choices is not None:
-            code.append(f"    elif v not in C{i}: return False")
+                code.append(f"    {name} = {nodes[path[:-1]]}.get({path[-1]!r})")
+                code.append(f"    if type({name}) is not dict: {name} = E")
+        node, key = nodes[parent], spec.parts[-1]
+        allowed = spec.types + ((type(None),) if spec.nullable and not spec.required else ())
+        env[f"T{i}"], env[f"C{i}"] = allowed, spec.choices
+        type_bad = f"type(v) is not {allowed[0].__name__}" if len(allowed) == 1 else f"type(v) not in T{i}"
+        if spec.required and spec.nullable:  # present, and null or of its type
+            code.append(f"    v = {node}.get({key!r}, M)")
+            type_bad = f"v is not None and {type_bad}"
+        elif spec.required or spec.nullable:  # missing reads as None: wrong unless NoneType is allowed
+            code.append(f"    v = {node}.get({key!r})")
+        else:  # optional but never null
+            code.append(f"    v = {node}.get({key!r}, M)")
+            type_bad = f"v is not M and {type_bad}"
+        choice_bad = f" or (v is not None and v is not M and v not in C{i})" if spec.choices is not None else ""
+        code.append(f"    if {type_bad}{choice_bad}: return False")
+    if dataset is Dataset.GPU:  # _check_gpu, inline: every listed process is an object with an integer pid
+        code += [f"    procs = {nodes[('gpu',)]}.get('processes')",
+                 "    if procs:",
+                 "        for p in procs:",
+                 "            if type(p) is not dict or type(p.get('pid')) is not int: return False"]
     code += ["    meta = event['event']",
              "    if not meta['id'] or not event['host']['name'] or meta['kind'] != KIND: return False",
              "    try:", "        parse_timestamp(event['@timestamp'])", "    except ValueError:", "        return False",
