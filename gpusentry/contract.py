@@ -318,7 +318,9 @@ def _short(value: Any) -> str:
 # In JSON text without escapes, a key with a dot is a string holding "." closed by a quote and then a
 # colon.  No match (and no backslash, so no \u002e and no escaped quote) proves no key anywhere has a dot,
 # without walking the decoded objects.
-_DOTTED_KEY_TEXT = re.compile(rb'\.[^"]*"\s*:')
+# Possessive quantifiers (neither class can match what follows it, so the matches are the same): a dot
+# that ends no key fails at once instead of backtracking over the text after it.
+_DOTTED_KEY_TEXT = re.compile(rb'\.[^"]*+"\s*+:')
 
 
 def may_have_dotted_keys(raw: bytes | bytearray | memoryview | str) -> bool:
