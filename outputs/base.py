@@ -78,9 +78,11 @@ class Output:
     #: How long a partial batch waits for more alerts.
     linger_s: float = 0.0
 
-    def __init__(self, policy: DeliveryPolicy, name: str | None = None) -> None:
+    def __init__(self, policy: DeliveryPolicy, name: str | None = None, *, clock: Clock | None = None) -> None:
         self.policy = policy
         self.name = name or self.kind
+        # Injectable so tests can check retry waits and rate limits without sleeping.
+        self.clock = clock or Clock()
 
     async def send(self, batch: Sequence[Alert]) -> None:
         raise NotImplementedError

@@ -50,9 +50,8 @@ class HecOutput(Output):
 
     def __init__(self, settings: HecOutputSettings, name: str | None = None, *,
                  clock: Clock | None = None) -> None:
-        super().__init__(settings, name)
+        super().__init__(settings, name, clock=clock)
         self.settings = settings
-        self.clock = clock or Clock()
         self.max_batch = settings.batch_max_events
         self.max_batch_bytes = settings.batch_max_bytes
         self.linger_s = settings.batch_linger_s

@@ -77,9 +77,8 @@ class PagerDutyOutput(Output):
 
     def __init__(self, settings: PagerDutyOutputSettings, name: str | None = None, *,
                  clock: Clock | None = None) -> None:
-        super().__init__(settings, name)
+        super().__init__(settings, name, clock=clock)
         self.settings = settings
-        self.clock = clock or Clock()
         key = read_secret(settings.routing_key, settings.routing_key_file, "outputs.pagerduty.routing_key")
         if not key:
             raise ValueError("outputs.pagerduty needs routing_key (GPUSENTRY_OUTPUTS__PAGERDUTY__ROUTING_KEY)")

@@ -130,9 +130,8 @@ class SlackOutput(Output):
 
     def __init__(self, settings: SlackOutputSettings, name: str | None = None, *,
                  clock: Clock | None = None) -> None:
-        super().__init__(settings, name)
+        super().__init__(settings, name, clock=clock)
         self.settings = settings
-        self.clock = clock or Clock()
         self.threads: OrderedDict[str, str] = OrderedDict()
         self._webhook_url = read_secret(settings.webhook_url, settings.webhook_url_file, "outputs.slack.webhook_url")
         self._bot_token = read_secret(settings.bot_token, settings.bot_token_file, "outputs.slack.bot_token")

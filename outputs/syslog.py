@@ -78,9 +78,8 @@ class SyslogOutput(Output):
 
     def __init__(self, settings: SyslogOutputSettings, name: str | None = None, *,
                  clock: Clock | None = None) -> None:
-        super().__init__(settings, name)
+        super().__init__(settings, name, clock=clock)
         self.settings = settings
-        self.clock = clock or Clock()
         self.connects = 0
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None

@@ -39,9 +39,8 @@ class WebhookOutput(Output):
 
     def __init__(self, settings: WebhookOutputSettings, name: str | None = None, *,
                  clock: Clock | None = None) -> None:
-        super().__init__(settings, name)
+        super().__init__(settings, name, clock=clock)
         self.settings = settings
-        self.clock = clock or Clock()
         secret = read_secret(settings.secret, settings.secret_file, "outputs.webhook.secret")
         if not (settings.url and secret):
             raise ValueError("outputs.webhook needs url and secret (GPUSENTRY_OUTPUTS__WEBHOOK__SECRET)")
