@@ -112,8 +112,12 @@ def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progr
     from detectors.base import SEVERITIES
 
     summary = ReplaySummary(files=len(files))
-    engine = engine if engine is not None else _load_engine(cfg)
-    summary.engine = type(engine).__name__ if engine is not None else "(no engine in this build: validation only)"
+    if engine is None:
+        from detectors.engine import Engine
+
+        engine = Engine.from_config(cfg)
+    summary.engine = type(engine).__name__
+    process = engine.process
     sink: IO[bytes] = out.open("wb") if out else sys.stdout.buffer
     started = last_progress = time.monotonic()
 
@@ -140,13 +144,11 @@ def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progr
                                                    markup=False)
                         continue
                     summary.events_read += 1
-                    if engine is not None:
-                        process = engine.process
-                        alerts = process(item)
-                        if alerts:
-                            emit(alerts)
-                        if engine.failures:
-                            summary.detector_failures += len(engine.drain_failures())
+                    alerts = process(item)
+                    if alerts:
+                        emit(alerts)
+                    if engine.failures:
+                        summary.detector_failures += len(engine.drain_failures())
                     if progress_console is not None and not summary.events_read & 0x3FFF:
                         now = time.monotonic()
                         if now - last_progress >= PROGRESS_EVERY_S:
@@ -164,8 +166,7 @@ def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progr
             if stats.truncated and progress_console is not None:
                 progress_console.print(f"{path}: capture ends mid-packet; replayed what came before",
                                        highlight=False, markup=False)
-        if engine is not None:
-            emit(engine.finish())
+        emit(engine.finish())
         if progress_console is not None and summary.rejected > MAX_REPORTED_REJECTS:
             progress_console.print(f"... and {summary.rejected - MAX_REPORTED_REJECTS} more rejected lines")
     finally:
@@ -174,11 +175,3 @@ def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progr
         else:
             sink.flush()
     return summary
-
-
-def _load_engine(cfg: Config) -> Any:
-    try:
-        from detectors.engine import Engine
-    except ImportError:
-        return None
-    return Engine.from_config(cfg)
