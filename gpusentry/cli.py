@@ -5,7 +5,6 @@ Exit codes scripts can rely on (also in the README):
 * 0  success
 * 1  the command ran and failed (broker unreachable, an output refused, ...)
 * 2  bad usage or bad configuration (the message names the fix)
-* 3  the command is not available in this build yet
 * 4  ``replay --strict``: the input held lines that were rejected
 * 130 interrupted (Ctrl-C)
 """
@@ -23,7 +22,7 @@ from rich.console import Console
 from gpusentry import __version__
 from gpusentry.config import Config, ConfigError, config_docs, load_config
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_YET, EXIT_REJECTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTS, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 
 app = typer.Typer(
     name="gpusentry",
@@ -47,10 +46,6 @@ ConfigOption = Annotated[
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def not_yet(command: str, issue: str) -> NoReturn:
-    fail(f"`gpusentry {command}` is not available in this build yet ({issue}).", EXIT_NOT_YET)
 
 
 def setup(config_path: Path | None) -> Config:

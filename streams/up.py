@@ -34,7 +34,6 @@ from rich.table import Table
 from gpusentry.broker import EmbeddedBroker, create_topics
 from gpusentry.config import Config
 
-EXIT_NOT_AVAILABLE = 3
 DEMO_HOST = "sim-demo-gpu-01"
 DEMO_SCENARIO = "miner-blatant"
 DEMO_HISTORY_S = 15 * 60  # replayed at once: the hijack starts a quarter in, so it is found in seconds
@@ -65,8 +64,6 @@ class Child:
         rc = self.proc.poll()
         if rc is None:
             return f"running (pid {self.proc.pid})"
-        if rc == EXIT_NOT_AVAILABLE:
-            return "not available in this build (exit 3); continuing without it"
         return f"exited with {rc}; see {self.log_path}"
 
     def stop(self, timeout: float = 20.0) -> None:
