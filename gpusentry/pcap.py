@@ -162,6 +162,10 @@ def _reader(fh: BinaryIO, path: Path) -> Any:
     raise CaptureError(f"{path}: not a pcap or pcapng file (magic {head.hex()})")
 
 
+# Packet times an event can carry: from the epoch up to the end of year 9999 (RFC 3339's range).
+MAX_TIMESTAMP = 253_402_300_800.0
+
+
 def _packets(reader: Any, stats: CaptureStats) -> Iterator[tuple[float, bytes]]:
     it = iter(reader)
     while True:
@@ -201,6 +205,10 @@ def _events(packets: Iterator[tuple[float, bytes]], linktype: int, host: str, so
         stats.packets += 1
         if progress is not None and not stats.packets & 0xFFFF:
             progress(stats)
+        if not 0.0 <= ts < MAX_TIMESTAMP:  # a corrupt record header: no event can carry this time
+            stats.skipped += 1
+            stats.skip_reasons["timestamp out of range"] += 1
+            continue
         try:
             ip = _network_layer(linktype, buf)
             if not isinstance(ip, dpkt.ip.IP | dpkt.ip6.IP6):

@@ -176,6 +176,22 @@ def test_a_cut_capture_replays_what_came_before(tmp_path):
     assert stats.truncated and 0 < stats.packets < 855 and events
 
 
+def test_a_packet_with_an_impossible_time_is_skipped_and_the_rest_replayed(tmp_path):
+    """A corrupt record header can carry a time past year 9999, which no event timestamp can hold."""
+    syn, psh = dpkt.tcp.TH_SYN, dpkt.tcp.TH_PUSH | dpkt.tcp.TH_ACK
+    subscribe = b'{"id":1,"method":"mining.subscribe","params":["miner/1.0"]}\n'
+    path = tmp_path / "odd-time.pcapng"  # pcapng: 64-bit times (a pcap's 32-bit seconds end in 2106)
+    with path.open("wb") as fh:
+        writer = dpkt.pcapng.Writer(fh)
+        writer.writepkt(_tcp(LOCAL, 40009, POOL, 3333, 5, syn), ts=289_714_959_271.6)  # the year 11150
+        writer.writepkt(_tcp(LOCAL, 40001, POOL, 3333, 10, syn), ts=1000.0)
+        writer.writepkt(_tcp(LOCAL, 40001, POOL, 3333, 11, psh, subscribe), ts=1000.1)
+    stats = CaptureStats()
+    events = read_capture(path, "h", stats)
+    assert stats.skip_reasons["timestamp out of range"] == 1 and stats.skipped == 1
+    assert [e["destination"]["port"] for e in events] == [3333] and events[0]["@timestamp"].startswith("1970-")
+
+
 def test_sni_parser_rejects_cut_and_odd_hellos():
     hello = client_hello("pool.example.org")
     assert client_hello_sni(hello) == "pool.example.org"
