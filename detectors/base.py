@@ -12,7 +12,7 @@ alerts: the correlator (:mod:`detectors.correlation`) turns a host's findings in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -72,6 +72,11 @@ class Detector:
     datasets: ClassVar[frozenset[Dataset]]
     signal: ClassVar[str]
     examples: ClassVar[list[Example]] = []
+    # dataset -> a parse of its events that several detectors read, called as parse(event, event_time)
+    # (the GPU detectors' Sample).  An engine runs each parse once per event for every detector that
+    # names the same function and hands the result to process_parsed; on its own, a detector's
+    # process() parses for itself.
+    parses: ClassVar[Mapping[str, Callable[[dict[str, Any], float], Any]]] = {}
 
     def __init__(self, settings: DetectionSettings | None = None) -> None:
         self.settings = settings or DetectionSettings()
@@ -94,6 +99,10 @@ class Detector:
     def process(self, event: dict[str, Any], state: Any) -> Iterable[Finding]:
         raise NotImplementedError
 
+    def process_parsed(self, event: dict[str, Any], parsed: Any, state: Any) -> Iterable[Finding]:
+        """:meth:`process` for an event of a dataset in :attr:`parses`, given its parse."""
+        raise NotImplementedError
+
     def finding(self, event: Mapping[str, Any], message: str, *, timestamp: float, score: float = 1.0,
                 severity: str | None = None, fields: Mapping[str, Any] | None = None) -> Finding:
         """Build a finding for ``event`` with this detector's metadata."""
@@ -103,7 +112,7 @@ class Detector:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if getattr(cls, "abstract", False) or cls.__dict__.get("abstract", False):
+        if cls.__dict__.get("abstract", False):  # a base class for detectors, not one (not inherited)
             return
         missing = [a for a in ("id", "title", "description", "severity", "datasets", "signal")
                    if not hasattr(cls, a)]

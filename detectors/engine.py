@@ -63,9 +63,10 @@ def discover() -> list[type[Detector]]:
 class HostState:
     detector_states: dict[str, Any] = field(default_factory=dict)
     incidents: HostIncidents = field(default_factory=HostIncidents)
-    # dataset -> [(detector, its state)]: what Engine.process runs, without a lookup per detector.
-    # Derived from detector_states, so it is left out of checkpoints and rebuilt on first use.
-    runs: dict[str, list[tuple[Detector, Any]]] = field(default_factory=dict, repr=False, compare=False)
+    # dataset -> [(detector, its state, its parse of the dataset or None)]: what Engine.process runs,
+    # without a lookup per detector.  Derived from detector_states, so it is left out of checkpoints
+    # and rebuilt on first use.
+    runs: dict[str, list[tuple[Detector, Any, Any]]] = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"detector_states": self.detector_states, "incidents": self.incidents}
@@ -127,10 +128,16 @@ class Engine:
         runs = host.runs.get(dataset)
         if runs is None:
             states = host.detector_states
-            runs = host.runs[dataset] = [(det, states[det.id]) for det in detectors or ()]
-        for det, state in runs:
+            runs = host.runs[dataset] = [(det, states[det.id], det.parses.get(dataset)) for det in detectors or ()]
+        parsed_by = parsed = None  # detectors that read the same parse of the event get it parsed once
+        for det, state, parse in runs:
             try:
-                found = det.process(event, state)
+                if parse is None:
+                    found = det.process(event, state)
+                else:
+                    if parse is not parsed_by:
+                        parsed, parsed_by = parse(event, ts), parse
+                    found = det.process_parsed(event, parsed, state)
                 if found:
                     findings.extend(found)
             except Exception as exc:

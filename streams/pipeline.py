@@ -42,7 +42,7 @@ from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 4  # 4: detectors share per-host GPU windows (Detector.new_host_state)
+CHECKPOINT_FORMAT = 5  # 4: detectors share per-host GPU windows (Detector.new_host_state); 5: and steadiness
 # Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
 MAX_ORIGINAL_BYTES = 64 * 1024
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpusentry.contract import event_time
 from gpusentry.gpuspecs import spec_for
+
+if TYPE_CHECKING:
+    from detectors.gpu._ownership import ProcessTable
 
 # The feature names a window summary carries; models pick the ones they use.
 FEATURES = ("util_mean", "util_std", "util_min", "util_max", "mem_pct", "used_frac", "used_gib", "power_frac",
@@ -55,6 +58,10 @@ class Sample:
     # Which of procs the allowlist owns, worked out by the first detector that asks and kept for
     # the others: (allowlist, process table, one verdict per process); see _ownership.owned_flags.
     owned: tuple[Any, Any, list[bool]] | None = None
+    # Set by GpuWindows.add: this sample repeats what its GPU's previous sample said about everything but
+    # the figures windows summarise (same process list, same busy or idle state, same power limit, no
+    # process event since).  Detectors whose per-sample work depends only on those skip it.
+    steady: bool = False
 
 
 def _num(value: Any) -> float | None:
@@ -89,20 +96,13 @@ _EMPTY: dict[str, Any] = {}
 # Parsed process lists are never changed once built, so samples may share one.
 _PROCS_SEEN: dict[str, tuple[list[Any], list[GpuProc], tuple[int, ...]]] = {}
 _PROCS_SEEN_MAX = 65536
-_last: tuple[dict[str, Any], str, Sample] | None = None
 
 
-def read_sample(event: dict[str, Any]) -> Sample:
-    """The :class:`Sample` of a validated GPU event.
+def read_sample(event: dict[str, Any], ts: float | None = None) -> Sample:
+    """The :class:`Sample` of a validated GPU event (``ts``: its event time, when the caller has it).
 
-    Every GPU detector sees the same event in turn, so the last one read is kept (keyed by the
-    object and its event id) and parsed once.
+    In an engine this runs once per event for all the GPU detectors (``Detector.parses``).
     """
-    global _last
-    eid = event["event"]["id"]
-    last = _last
-    if last is not None and last[0] is event and last[1] is eid:  # the same object, not changed since
-        return last[2]
     g = event["gpu"]
     util = g.get("utilization") or _EMPTY
     mem = g.get("memory") or _EMPTY
@@ -124,13 +124,11 @@ def read_sample(event: dict[str, Any]) -> Sample:
             if len(_PROCS_SEEN) >= _PROCS_SEEN_MAX:
                 _PROCS_SEEN.clear()
             _PROCS_SEEN[uuid] = (raw, procs, pids or ())
-    sample = Sample(event_time(event), eid, uuid, g["index"], name if type(name) is str else None,
-                    gpu_pct, limit, procs, pids,
-                    (gpu_pct, util.get("memory_pct"), power.get("draw_watts"), limit, clocks.get("sm_mhz"),
-                     clocks.get("mem_mhz"), pcie.get("rx_bytes_per_s"), pcie.get("tx_bytes_per_s"),
-                     mem.get("used_bytes"), mem.get("total_bytes")))
-    _last = (event, eid, sample)
-    return sample
+    return Sample(event_time(event) if ts is None else ts, event["event"]["id"], uuid, g["index"],
+                  name if type(name) is str else None, gpu_pct, limit, procs, pids,
+                  (gpu_pct, util.get("memory_pct"), power.get("draw_watts"), limit, clocks.get("sm_mhz"),
+                   clocks.get("mem_mhz"), pcie.get("rx_bytes_per_s"), pcie.get("tx_bytes_per_s"),
+                   mem.get("used_bytes"), mem.get("total_bytes")))
 
 
 # Order of the numbers in Sample.row (the columns of an open window).
@@ -170,25 +168,38 @@ class Window:
 
 
 class GpuWindows:
-    """Per-GPU tumbling windows; also remembers each GPU's reference maxima (clocks, power limit)."""
+    """Per-GPU tumbling windows; also remembers each GPU's reference maxima (clocks, power limit).
 
-    __slots__ = ("window_s", "busy_pct", "_open", "_ref", "_last")
+    It also tells whether a sample is *steady* (:attr:`Sample.steady`): whether it repeats what the
+    GPU's previous sample said about its processes, busy or idle state and power limit, with no
+    process event in ``table`` since.  A steady sample that closes no window changes nothing for the
+    detectors that only react to those, so they skip it.
+    """
 
-    def __init__(self, window_s: float, busy_pct: float) -> None:
+    __slots__ = ("window_s", "busy_pct", "table", "_open", "_ref", "_last", "_inputs")
+
+    def __init__(self, window_s: float, busy_pct: float, table: ProcessTable | None = None) -> None:
         self.window_s = window_s
         self.busy_pct = busy_pct
+        self.table = table  # the host's process table (its version changes with every process event)
         self._open: dict[str, _Acc] = {}
         # uuid -> [max sm MHz, max mem MHz, max power limit, GPU name]
         self._ref: dict[str, list[Any]] = {}
         # The last sample added and the window it closed: the detectors of one host share one
         # GpuWindows (see host_windows), and each adds every sample; only the first add counts.
         self._last: tuple[Sample, Window | None] | None = None
+        # uuid -> what its last sample said that detectors react to (see add).  Not checkpointed: after
+        # a restore the first sample of each GPU is not steady, so every detector looks at it.
+        self._inputs: dict[str, tuple[Any, ...]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"window_s": self.window_s, "busy_pct": self.busy_pct, "_open": self._open, "_ref": self._ref}
+        return {"window_s": self.window_s, "busy_pct": self.busy_pct, "table": self.table, "_open": self._open,
+                "_ref": self._ref}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._last = None
+        self._inputs = {}
+        self.table = None
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -201,14 +212,23 @@ class GpuWindows:
         last = self._last
         if last is not None and last[0] is s:
             return last[1]
+        util = s.util
+        table = self.table
+        # Equal process lists are usually the same object (read_sample reuses an unchanged list), so
+        # comparing them costs an identity test.
+        inputs = (s.procs, None if util is None else util >= self.busy_pct, s.limit,
+                  -1 if table is None else table.version)
+        uuid = s.uuid
+        s.steady = self._inputs.get(uuid) == inputs
+        self._inputs[uuid] = inputs
         ts = s.ts
         start = ts - (ts % self.window_s)
-        acc = self._open.get(s.uuid)
+        acc = self._open.get(uuid)
         closed = None
         if acc is None or start > acc.start:
             if acc is not None and acc.n:
-                closed = self._close(s.uuid, s.index, acc)
-            acc = self._open[s.uuid] = _Acc(start)
+                closed = self._close(uuid, s.index, acc)
+            acc = self._open[uuid] = _Acc(start)
         elif start < acc.start:
             self._last = (s, None)
             return None  # a late sample of a window already closed: too late to count
@@ -338,14 +358,15 @@ def _mean(column: Sequence[Any]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def host_windows(shared: dict[str, Any], window_s: float, busy_pct: float) -> GpuWindows:
-    """The one :class:`GpuWindows` the windowed GPU detectors of a host share (built by the first).
+def host_windows(shared: dict[str, Any], window_s: float, busy_pct: float, table: ProcessTable) -> GpuWindows:
+    """The one :class:`GpuWindows` the GPU detectors of a host share (built by the first).
 
     Summing each sample into a window once per host rather than once per detector is most of
     what the GPU detectors cost per sample; the windows and their features are the same for all.
+    ``table`` is the host's process table (``_ownership.host_process_table(shared)``).
     """
     key = f"gpu.windows/{window_s:g}/{busy_pct:g}"
     windows = shared.get(key)
-    if not isinstance(windows, GpuWindows):
-        windows = shared[key] = GpuWindows(window_s, busy_pct)
+    if not isinstance(windows, GpuWindows) or windows.table is not table:
+        windows = shared[key] = GpuWindows(window_s, busy_pct, table)
     return windows

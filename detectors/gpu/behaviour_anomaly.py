@@ -6,14 +6,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
+from detectors.gpu._base import GpuDetector
 from detectors.gpu._examples import idle, mining, training
 from detectors.gpu._models import HalfSpaceBehaviour
 from detectors.gpu._ownership import Allowlist, ProcessTable, host_process_table, owned_flags
-from detectors.gpu._window import GpuWindows, host_windows, read_sample
+from detectors.gpu._window import GpuWindows, Sample, host_windows
 from gpusentry.contract import Dataset
-
-_PROCESS = Dataset.PROCESS.value
 
 
 @dataclass
@@ -30,7 +29,7 @@ class BehaviourState:
     gpus: dict[str, _Gpu] = field(default_factory=dict)
 
 
-class GpuBehaviourAnomaly(Detector):
+class GpuBehaviourAnomaly(GpuDetector):
     id = "gpu.behaviour_anomaly"
     title = "GPU behaves unlike its own normal"
     description = ("Each GPU has an online half-space-trees model of its windowed NVML features (utilisation "
@@ -58,24 +57,22 @@ class GpuBehaviourAnomaly(Detector):
         self.allowlist = Allowlist.of(self.settings.gpu)
 
     def new_state(self) -> BehaviourState:
-        g = self.settings.gpu
-        return BehaviourState(GpuWindows(g.window_s, g.busy_gpu_pct))
+        return self.new_host_state({})
 
     def new_host_state(self, shared: dict[str, Any]) -> BehaviourState:
         g = self.settings.gpu
-        return BehaviourState(host_windows(shared, g.window_s, g.busy_gpu_pct), host_process_table(shared))
+        table = host_process_table(shared)
+        return BehaviourState(host_windows(shared, g.window_s, g.busy_gpu_pct, table), table)
 
-    def process(self, event: dict[str, Any], state: BehaviourState) -> Iterable[Finding]:
-        if event["event"]["dataset"] == _PROCESS:
-            state.table.observe(event)
-            return ()
+    def process_parsed(self, event: dict[str, Any], s: Sample, state: BehaviourState) -> Iterable[Finding]:
+        window = state.windows.add(s)
+        if window is None and s.steady:
+            return ()  # the ownership verdict below would repeat the last sample's
         g = self.settings.gpu
-        s = read_sample(event)
         gpu = state.gpus.get(s.uuid)
         if gpu is None:
             gpu = state.gpus[s.uuid] = _Gpu(HalfSpaceBehaviour(g.anomaly_trees, g.anomaly_tree_height,
                                                                g.anomaly_reference_windows, self.settings.seed))
-        window = state.windows.add(s)
         findings: list[Finding] | tuple[()] = ()
         if window is not None:  # the sample closed a window: score it, then learn it unless it is flagged
             x = window.features

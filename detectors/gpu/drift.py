@@ -6,10 +6,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
+from detectors.gpu._base import GpuDetector
 from detectors.gpu._examples import gpu, idle, mining, training
 from detectors.gpu._models import DriftMonitor
-from detectors.gpu._window import GpuWindows, host_windows, read_sample
+from detectors.gpu._ownership import host_process_table
+from detectors.gpu._window import GpuWindows, Sample, host_windows
 from gpusentry.contract import Dataset
 
 
@@ -20,7 +22,7 @@ class DriftState:
     limits: dict[str, float] = field(default_factory=dict)  # uuid -> last enforced power limit
 
 
-class GpuDrift(Detector):
+class GpuDrift(GpuDetector):
     id = "gpu.drift"
     title = "GPU utilisation or power drifted, or its power limit changed"
     description = ("ADWIN watches each GPU's windowed utilisation and power draw and reports when their "
@@ -42,15 +44,16 @@ class GpuDrift(Detector):
     ]
 
     def new_state(self) -> DriftState:
-        g = self.settings.gpu
-        return DriftState(GpuWindows(g.window_s, g.busy_gpu_pct))
+        return self.new_host_state({})
 
     def new_host_state(self, shared: dict[str, Any]) -> DriftState:
         g = self.settings.gpu
-        return DriftState(host_windows(shared, g.window_s, g.busy_gpu_pct))
+        return DriftState(host_windows(shared, g.window_s, g.busy_gpu_pct, host_process_table(shared)))
 
-    def process(self, event: dict[str, Any], state: DriftState) -> Iterable[Finding]:
-        s = read_sample(event)
+    def process_parsed(self, event: dict[str, Any], s: Sample, state: DriftState) -> Iterable[Finding]:
+        window = state.windows.add(s)
+        if window is None and s.steady:
+            return ()  # the same power limit as the last sample, and no window to learn
         g = self.settings.gpu
         findings: list[Finding] = []
         limit = s.limit
@@ -63,7 +66,6 @@ class GpuDrift(Detector):
                     findings.append(self.finding(
                         event, f"GPU {s.index} power limit {verb} from {before:.0f} W to {limit:.0f} W",
                         timestamp=s.ts, fields={"gpu.index": s.index, "gpu.uuid": s.uuid}))
-        window = state.windows.add(s)
         if window is not None:
             monitor = state.monitors.get(window.uuid)
             if monitor is None:

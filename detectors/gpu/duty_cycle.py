@@ -7,13 +7,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
+from detectors.gpu._base import GpuDetector
 from detectors.gpu._examples import idle, mining, training
 from detectors.gpu._ownership import Allowlist, ProcessTable, host_process_table, owned_flags
-from detectors.gpu._window import read_sample
+from detectors.gpu._window import GpuWindows, Sample, host_windows
 from gpusentry.contract import Dataset
-
-_PROCESS = Dataset.PROCESS.value
 
 REPEAT_S = 120.0  # least event time between two findings on one GPU while the pattern lasts
 MAX_CYCLES = 64
@@ -31,7 +30,8 @@ class _Gpu:
 
 @dataclass
 class DutyCycleState:
-    table: ProcessTable = field(default_factory=ProcessTable)
+    windows: GpuWindows  # not for its windows: it says which samples are steady
+    table: ProcessTable
     gpus: dict[str, _Gpu] = field(default_factory=dict)
 
 
@@ -46,7 +46,7 @@ def _on_off(start: float, cycles: int, on: int, off: int, interval: float = 10.0
     return out
 
 
-class DutyCycledGpu(Detector):
+class DutyCycledGpu(GpuDetector):
     id = "gpu.duty_cycle"
     title = "Duty-cycled use of a GPU no job owns"
     description = ("A GPU that no allowlisted program or known job owns keeps switching between busy and idle "
@@ -70,18 +70,17 @@ class DutyCycledGpu(Detector):
         self.allowlist = Allowlist.of(self.settings.gpu)
 
     def new_state(self) -> DutyCycleState:
-        return DutyCycleState()
+        return self.new_host_state({})
 
     def new_host_state(self, shared: dict[str, Any]) -> DutyCycleState:
-        return DutyCycleState(host_process_table(shared))
+        g = self.settings.gpu
+        table = host_process_table(shared)
+        return DutyCycleState(host_windows(shared, g.window_s, g.busy_gpu_pct, table), table)
 
-    def process(self, event: dict[str, Any], state: DutyCycleState) -> Iterable[Finding]:
-        if event["event"]["dataset"] == _PROCESS:
-            state.table.observe(event)
-            return ()
-        s = read_sample(event)
-        if s.util is None:
-            return ()
+    def process_parsed(self, event: dict[str, Any], s: Sample, state: DutyCycleState) -> Iterable[Finding]:
+        state.windows.add(s)
+        if s.steady or s.util is None:
+            return ()  # steady: still busy or still idle, with the processes and verdicts of the last sample
         g = self.settings.gpu
         gpu = state.gpus.get(s.uuid)
         if gpu is None:

@@ -7,10 +7,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
+from detectors.gpu._base import GpuDetector
 from detectors.gpu._examples import burn_in, idle, mining, training
 from detectors.gpu._models import MiningSignature
-from detectors.gpu._window import GpuWindows, host_windows, read_sample
+from detectors.gpu._ownership import host_process_table
+from detectors.gpu._window import GpuWindows, Sample, host_windows
 from gpusentry.contract import Dataset
 
 
@@ -28,7 +30,7 @@ class SignatureState:
     gpus: dict[str, _GpuState] = field(default_factory=dict)
 
 
-class GpuMiningSignature(Detector):
+class GpuMiningSignature(GpuDetector):
     id = "gpu.mining_signature"
     title = "GPU behaves like a cryptocurrency miner"
     description = ("A GPU's windows show the mining signature: utilisation flat near 100 %, the memory "
@@ -51,15 +53,16 @@ class GpuMiningSignature(Detector):
     ]
 
     def new_state(self) -> SignatureState:
-        g = self.settings.gpu
-        return SignatureState(GpuWindows(g.window_s, g.busy_gpu_pct))
+        return self.new_host_state({})
 
     def new_host_state(self, shared: dict[str, Any]) -> SignatureState:
         g = self.settings.gpu
-        return SignatureState(host_windows(shared, g.window_s, g.busy_gpu_pct))
+        return SignatureState(host_windows(shared, g.window_s, g.busy_gpu_pct, host_process_table(shared)))
 
-    def process(self, event: dict[str, Any], state: SignatureState) -> Iterable[Finding]:
-        sample = read_sample(event)
+    def process_parsed(self, event: dict[str, Any], sample: Sample, state: SignatureState) -> Iterable[Finding]:
+        window = state.windows.add(sample)
+        if window is None and sample.steady:
+            return ()  # the same processes as the last sample, and no window to score
         g = self.settings.gpu
         gpu = state.gpus.get(sample.uuid)
         if gpu is None:
@@ -73,7 +76,6 @@ class GpuMiningSignature(Detector):
                 if gpu.pids:
                     gpu.model.new_workload()
                 gpu.pids = pids
-        window = state.windows.add(sample)
         if window is None:
             return ()
         x = window.features

@@ -6,8 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
 from detectors.examples import proc
+from detectors.gpu._base import GpuDetector
 from detectors.gpu._examples import TRAINER, gproc, idle, mining, training
 from detectors.gpu._ownership import (
     Allowlist,
@@ -17,10 +18,8 @@ from detectors.gpu._ownership import (
     process_fields,
     program_of,
 )
-from detectors.gpu._window import read_sample
+from detectors.gpu._window import Sample
 from gpusentry.contract import Dataset
-
-_PROCESS = Dataset.PROCESS.value
 
 # While an unowned process stays on a GPU its finding is repeated this often (event time), so the
 # incident stays open (it resolves after [detection] resolve_after_s without evidence).
@@ -44,7 +43,7 @@ class OwnershipState:
     reported: dict[tuple[str, int], float] = field(default_factory=dict)  # (uuid, pid) -> last finding time
 
 
-class UnownedGpuProcess(Detector):
+class UnownedGpuProcess(GpuDetector):
     id = "gpu.unowned_process"
     title = "GPU process that no known job or allowed program owns"
     description = ("A process is using a GPU but is neither an allowlisted program, user or container, nor "
@@ -80,11 +79,8 @@ class UnownedGpuProcess(Detector):
     def new_host_state(self, shared: dict[str, Any]) -> OwnershipState:
         return OwnershipState(host_process_table(shared))
 
-    def process(self, event: dict[str, Any], state: OwnershipState) -> Iterable[Finding]:
-        if event["event"]["dataset"] == _PROCESS:
-            state.table.observe(event)
-            return ()
-        s = read_sample(event)
+    def process_parsed(self, event: dict[str, Any], s: Sample, state: OwnershipState) -> Iterable[Finding]:
+        # Not skipped on steady samples: a process nobody owns is reported again every REPEAT_S while it stays.
         if state.first_seen is None:
             state.first_seen = s.ts
         gpu = state.gpus.get(s.uuid)
