@@ -273,3 +273,17 @@ def test_skipping_steady_samples_changes_no_finding(monkeypatch):
     assert fast.findings_by_rule == slow.findings_by_rule and fast.findings_by_rule
     assert [key(a) for a in fast_alerts] == [key(a) for a in slow_alerts] and fast_alerts
     assert sum(steady) > len(steady) / 2
+
+
+def test_a_process_list_whose_figures_change_parses_to_the_same_list_and_the_sample_is_steady():
+    """Per-process memory and SM figures change every sample; who runs on the GPU does not."""
+    windows = GpuWindows(30, 20)
+    first = c.validate_or_raise(gpu(1, util=95, procs=[gproc(2000, TRAINER, gib=70, sm=90)]))
+    same_procs = c.validate_or_raise(gpu(6, util=96, procs=[gproc(2000, TRAINER, gib=71, sm=40)]))
+    other_proc = c.validate_or_raise(gpu(11, util=96, procs=[gproc(2001, TRAINER, gib=71, sm=40)]))
+    a, b, d = (read_sample(ev) for ev in (first, same_procs, other_proc))
+    assert b.procs is a.procs and b.pids == (2000,)
+    assert d.procs is not a.procs and d.pids == (2001,)
+    for s in (a, b, d):
+        windows.add(s)
+    assert (a.steady, b.steady, d.steady) == (False, True, False)

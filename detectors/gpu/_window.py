@@ -30,9 +30,10 @@ FEATURES = ("util_mean", "util_std", "util_min", "util_max", "mem_pct", "used_fr
 
 @dataclass(slots=True)
 class GpuProc:
+    """Who a process on a GPU is: what detectors read of it (not its memory or SM figures, which change
+    from sample to sample and which no detector uses)."""
+
     pid: int
-    used_bytes: int | None
-    sm_pct: float | None
     name: str | None
     executable: str | None
     command_line: str | None
@@ -72,9 +73,7 @@ def _num(value: Any) -> float | None:
     return value if kind is int else None
 
 
-def _procs(raw: Any) -> list[GpuProc] | None:
-    if type(raw) is not list:
-        return None
+def _procs(raw: list[Any]) -> list[GpuProc]:
     out: list[GpuProc] = []
     for p in raw:
         if type(p) is not dict:
@@ -83,18 +82,24 @@ def _procs(raw: Any) -> list[GpuProc] | None:
         if type(pid) is not int:
             continue
         name, exe, cmd = p.get("name"), p.get("executable"), p.get("command_line")
-        used = p.get("used_memory_bytes")
-        out.append(GpuProc(pid, used if type(used) is int else None, _num(p.get("sm_pct")),
-                           name if type(name) is str else None, exe if type(exe) is str else None,
+        out.append(GpuProc(pid, name if type(name) is str else None, exe if type(exe) is str else None,
                            cmd if type(cmd) is str else None))
     return out
 
 
+def _procs_key(raw: list[Any]) -> list[Any]:
+    """What :func:`_procs` reads of a raw process list: equal keys parse to equal lists."""
+    return [(p.get("pid"), p.get("name"), p.get("executable"), p.get("command_line")) if type(p) is dict else None
+            for p in raw]
+
+
 _EMPTY: dict[str, Any] = {}
-# uuid -> (the raw process list of its last sample, what it parsed to, its pids).  A GPU's process list
-# rarely changes between samples; comparing it with the last one costs less than parsing it again.
-# Parsed process lists are never changed once built, so samples may share one.
-_PROCS_SEEN: dict[str, tuple[list[Any], list[GpuProc], tuple[int, ...]]] = {}
+# uuid -> (the raw process list of its last sample, its key, what it parsed to, its pids).  A GPU's
+# processes rarely change between samples, though their memory and SM figures do: comparing the list
+# (or, when a figure changed, its key) with the last one costs less than parsing it again, and
+# handing out the same parsed list lets the detectors see at a glance that nothing changed
+# (Sample.steady, the allowlist verdicts' memo).  Parsed lists are never changed once built.
+_PROCS_SEEN: dict[str, tuple[list[Any], list[Any], list[GpuProc], tuple[int, ...]]] = {}
 _PROCS_SEEN_MAX = 65536
 
 
@@ -114,16 +119,22 @@ def read_sample(event: dict[str, Any], ts: float | None = None) -> Sample:
     uuid = g["uuid"]
     raw = g.get("processes")
     seen = _PROCS_SEEN.get(uuid)
+    procs: list[GpuProc] | None
+    pids: tuple[int, ...] | None
     if seen is not None and seen[0] == raw:
-        procs: list[GpuProc] | None = seen[1]
-        pids: tuple[int, ...] | None = seen[2]
+        procs, pids = seen[2], seen[3]
+    elif type(raw) is not list:
+        procs = pids = None
     else:
-        procs = _procs(raw)
-        pids = None if procs is None else tuple([p.pid for p in procs])
-        if procs is not None:
+        key = _procs_key(raw)
+        if seen is not None and seen[1] == key:  # the same processes; only their figures changed
+            procs, pids = seen[2], seen[3]
+        else:
+            procs = _procs(raw)
+            pids = tuple([p.pid for p in procs])
             if len(_PROCS_SEEN) >= _PROCS_SEEN_MAX:
                 _PROCS_SEEN.clear()
-            _PROCS_SEEN[uuid] = (raw, procs, pids or ())
+        _PROCS_SEEN[uuid] = (raw, key, procs, pids)
     return Sample(event_time(event) if ts is None else ts, event["event"]["id"], uuid, g["index"],
                   name if type(name) is str else None, gpu_pct, limit, procs, pids,
                   (gpu_pct, util.get("memory_pct"), power.get("draw_watts"), limit, clocks.get("sm_mhz"),
