@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detectors.base import SEVERITIES, SEVERITY_SCORE, Finding
-from gpusentry.contract import Dataset, get, make_event
+from gpusentry.contract import Dataset, make_event
 from gpusentry.settings.detection import DetectionSettings, PricingSettings
 from gpusentry.timefmt import format_timestamp
 
@@ -81,7 +81,10 @@ class Incident:
 
     @property
     def evidence(self) -> list[dict[str, Any]]:
-        return self.first_evidence + list(self.latest_evidence)
+        """The evidence list of the alert contract.  Entries keep their time as epoch seconds and are
+        formatted here: most are replaced before any alert shows them."""
+        return [{**entry, "@timestamp": format_timestamp(entry["@timestamp"])}
+                for entry in (*self.first_evidence, *self.latest_evidence)]
 
 
 @dataclass
@@ -116,6 +119,8 @@ class Correlator:
         """``rules`` maps rule ids to (name, description), for the ``rule.*`` fields of alerts."""
         self.settings = settings
         self.rules = dict(rules or {})
+        # GPU model name -> price per GPU-hour: looked up for every sample of a GPU under an incident.
+        self._gpu_hour_prices: dict[str | None, float] = {}
 
     def observe(self, host: str, event: dict[str, Any], ts: float, findings: list[Finding],
                 state: HostIncidents) -> list[dict[str, Any]]:
@@ -178,7 +183,7 @@ class Correlator:
                 inc.top = rank
             if f.technique == "T1496.001":
                 inc.technique = "T1496.001"
-            entry = {"event.id": f.event_id, "@timestamp": format_timestamp(f.timestamp), "rule.id": f.rule_id,
+            entry = {"event.id": f.event_id, "@timestamp": f.timestamp, "rule.id": f.rule_id,
                      "signal": f.signal, "severity": f.severity, "summary": f.message}
             if len(inc.first_evidence) < keep_first:
                 inc.first_evidence.append(entry)
@@ -224,11 +229,18 @@ class Correlator:
             return
         dt = min(ts - last, MAX_SAMPLE_GAP_S)
         inc.gpu_seconds += dt
-        power = get(event, "gpu.power.draw_watts")
-        kwh = power * dt / 3.6e6 if isinstance(power, int | float) and not isinstance(power, bool) else 0.0
+        power_fields = gpu.get("power")
+        power = power_fields.get("draw_watts") if type(power_fields) is dict else None
+        kwh = power * dt / 3.6e6 if type(power) is float or type(power) is int else 0.0
         inc.energy_kwh += kwh
         pricing = self.settings.pricing
-        inc.usd += dt / 3600 * gpu_hour_price(pricing, state.gpu_names.get(uuid)) + kwh * pricing.kwh_usd
+        name = state.gpu_names.get(uuid)
+        price = self._gpu_hour_prices.get(name)
+        if price is None:
+            if len(self._gpu_hour_prices) >= 1024:
+                self._gpu_hour_prices.clear()
+            price = self._gpu_hour_prices[name] = gpu_hour_price(pricing, name)
+        inc.usd += dt / 3600 * price + kwh * pricing.kwh_usd
 
     def _rule(self, inc: Incident) -> tuple[str, str, str]:
         rule_id = inc.top[2] if inc.top else RULE_ID
