@@ -96,7 +96,7 @@ async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = Non
                     summary.messages += 1
                     where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
                     tickets.extend(await _submit(record.value, where, cfg, dispatcher, sink, clock, summary))
-            for outcomes in await asyncio.gather(*tickets):
+            for outcomes in await _deliveries(consumer, tickets):
                 for o in outcomes:
                     summary.outcomes[f"{o.output}:{'delivered' if o.delivered else 'dead_lettered'}"] += 1
             await consumer.commit()
@@ -108,6 +108,33 @@ async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = Non
             await producer.stop()
     log.info(summary.describe())
     return summary
+
+
+# While a batch is being delivered, the consumer polls this often (with its partitions paused).
+POLL_WHILE_DELIVERING_S = 1.0
+
+
+async def _deliveries(consumer: AIOKafkaConsumer,
+                      tickets: list[asyncio.Future[list[Outcome]]]) -> list[list[Outcome]]:
+    """Wait for a batch's deliveries, polling the consumer meanwhile with every partition paused.
+
+    An output that is down can hold a batch for many minutes (retries, a Retry-After of up to
+    ``max_retry_after_s``, rate limits); a consumer that does not poll for ``max.poll.interval``
+    leaves its group, its partitions move and the batch is forwarded twice.  Paused, a poll fetches
+    nothing and only tells the group this forwarder is alive.
+    """
+    pending = asyncio.ensure_future(asyncio.gather(*tickets))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=POLL_WHILE_DELIVERING_S)
+            if done:
+                return pending.result()
+            assigned = consumer.assignment()  # may have changed: a rebalance during the wait
+            consumer.pause(*assigned)
+            for tp, records in (await consumer.getmany(timeout_ms=0)).items():
+                consumer.seek(tp, records[0].offset)  # not expected while paused; never skip a record
+    finally:
+        consumer.resume(*consumer.assignment())
 
 
 async def _submit(value: bytes | None, where: dict[str, Any], cfg: Config, dispatcher: Dispatcher, sink: DeadLetterSink, clock: Clock,

@@ -151,3 +151,50 @@ def test_forward_command_stops_cleanly_on_sigterm(bootstrap, topic_factory, rece
     assert receivers.received[rx.WEBHOOK_PATH] == [alert(7)]
     assert proc.returncode == 0, stderr
     assert "webhook:delivered 1" in stderr and rx.WEBHOOK_SECRET not in stderr
+
+
+@pytest.mark.slow
+def test_a_delivery_longer_than_the_poll_interval_keeps_the_group_and_forwards_once(bootstrap, topic_factory,
+                                                                                     receivers, monkeypatch):
+    """A webhook that answers 503 with Retry-After: 5 holds the batch for 5 s; the consumer may go 2.5 s without a poll."""
+    import outputs.forwarder as fwd
+
+    monkeypatch.setattr(fwd, "CLIENT_TUNING", {**fwd.CLIENT_TUNING, "max_poll_interval_ms": 2500})
+    alerts_topic = topic_factory("alerts")
+    group = f"fwd-slow-{os.getpid()}-{time.time_ns()}"
+    cfg = load_config(environ={
+        "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "GPUSENTRY_TOPICS__ALERTS": alerts_topic,
+        "GPUSENTRY_TOPICS__DEADLETTER": topic_factory("dl"), "GPUSENTRY_OUTPUTS__GROUP_ID": group,
+        "GPUSENTRY_OUTPUTS__SEED": "1", "GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true",
+        "GPUSENTRY_OUTPUTS__WEBHOOK__URL": receivers.base + rx.WEBHOOK_PATH,
+        "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": rx.WEBHOOK_SECRET})
+    receivers.plan(rx.WEBHOOK_PATH, (503, {"Retry-After": "5"}, "busy"))
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    producer.produce(alerts_topic, c.encode(alert(1)), key="k1")
+    producer.flush(10)
+
+    async def main():
+        stop = asyncio.Event()
+        task = asyncio.create_task(forward(cfg, stop))
+        deadline = time.monotonic() + 40
+        while not receivers.received[rx.WEBHOOK_PATH] and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.1)
+        producer.produce(alerts_topic, c.encode(alert(2)), key="k2")  # the next batch, after the long one
+        producer.flush(10)
+        while len(receivers.received[rx.WEBHOOK_PATH]) < 2 and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.1)
+        stop.set()
+        return await asyncio.wait_for(task, 20)
+
+    started = time.monotonic()
+    summary = asyncio.run(main())
+    assert time.monotonic() - started >= 5, "the Retry-After was not honoured"
+    assert [a["event"]["id"] for a in receivers.received[rx.WEBHOOK_PATH]] == \
+        [alert(1)["event"]["id"], alert(2)["event"]["id"]]
+    assert summary.outcomes["webhook:delivered"] == 2 and receivers.count(rx.WEBHOOK_PATH) == 3
+    check = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        (committed,) = check.committed([TopicPartition(alerts_topic, 0)], timeout=10)
+    finally:
+        check.close()
+    assert committed.offset == 2
