@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,20 @@ class EmbeddedBroker:
 
 
 def create_topics(bootstrap_servers: str, topics: Iterable[str], *, partitions: int = 1,
-                  client_config: dict[str, str] | None = None, timeout: float = 30.0) -> None:
-    """Create topics that do not exist yet; an existing topic is left as it is."""
+                  client_config: dict[str, Any] | None = None, timeout: float = 30.0,
+                  topic_config: dict[str, str] | None = None, replication_factor: int = 1) -> None:
+    """Create topics that do not exist yet (with ``topic_config``; ``replication_factor`` -1: the
+    broker's default); an existing topic is left as it is."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(client_config or {})})
-    existing = set(admin.list_topics(timeout=timeout).topics)
-    wanted = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"cannot list the topics at {bootstrap_servers}: {exc}") from exc
+    wanted = [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor, config=topic_config or {})
+              for t in topics if t not in existing]
     if not wanted:
         return
     for name, future in admin.create_topics(wanted, operation_timeout=timeout, request_timeout=timeout).items():

@@ -22,15 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
-from gpusentry.broker import CLIENT_TUNING
+from gpusentry.broker import CLIENT_TUNING, BrokerUnavailable, create_topics
 from gpusentry.config import Config
 from gpusentry.contract import Dataset, decode_message
 from gpusentry.timefmt import format_timestamp
 from outputs.base import Clock
 from outputs.dispatcher import DeadLetterSink, Dispatcher, MemoryDeadLetterSink, Outcome
-from outputs.kafka import KafkaDeadLetterSink, make_producer
+from outputs.kafka import KafkaDeadLetterSink, KafkaThreadJournal, make_producer, read_thread_journal
 from outputs.registry import build_outputs
+from outputs.slack import SlackOutput
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,9 @@ async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = Non
         raise ForwarderError("kafka.bootstrap_servers is empty: set it (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS)")
     producer = make_producer(cfg.kafka)
     await producer.start()
+    for output in outputs:
+        if isinstance(output, SlackOutput) and output.settings.mode == "bot":
+            await _keep_slack_threads(cfg, output, producer)
     sink = dead_letters or KafkaDeadLetterSink(producer, cfg.topics.deadletter)
     dispatcher = await Dispatcher(outputs, sink, clock=clock, seed=cfg.outputs.seed).start()
     consumer = AIOKafkaConsumer(
@@ -108,6 +113,28 @@ async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = Non
             await producer.stop()
     log.info(summary.describe())
     return summary
+
+
+def slack_threads_topic(cfg: Config) -> str:
+    """The compacted topic on which forwarders of ``outputs.group_id`` record Slack threads."""
+    return f"{cfg.outputs.group_id}-slack-threads"
+
+
+async def _keep_slack_threads(cfg: Config, output: SlackOutput, producer: Any) -> None:
+    """Bring back the Slack threads earlier forwarders of this group recorded, and record new ones."""
+    topic = slack_threads_topic(cfg)
+    client = {k: v for k, v in cfg.kafka.confluent_config().items() if k != "bootstrap.servers"}
+    try:
+        await asyncio.to_thread(create_topics, cfg.kafka.bootstrap_servers, [topic], client_config=client,
+                                topic_config={"cleanup.policy": "compact"}, replication_factor=-1)
+        output.threads.load(await read_thread_journal(cfg.kafka, topic))
+    except (BrokerUnavailable, KafkaError) as exc:
+        # Delivery works without it; only threading across restarts is lost, so say how to get it back.
+        log.warning("Slack threads are kept in memory only: topic %s cannot be created or read (%s). Create it "
+                    "(cleanup.policy=compact) or allow this client to, and restart the forwarder", topic, exc)
+        return
+    output.threads.journal = KafkaThreadJournal(producer, topic)
+    log.info("Slack threads: %d open incident(s) found on %s", len(output.threads), topic)
 
 
 # While a batch is being delivered, the consumer polls this often (with its partitions paused).

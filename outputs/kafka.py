@@ -8,16 +8,19 @@ anyway, so consumers dedupe on ``event.id``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from gpusentry.settings.kafka import KafkaSettings
 from gpusentry.settings.outputs import KafkaOutputSettings
 from outputs.base import Alert, DeliveryError, Output, dedup_key
+
+log = logging.getLogger(__name__)
 
 
 def make_producer(kafka: KafkaSettings, bootstrap_servers: str | None = None) -> AIOKafkaProducer:
@@ -75,3 +78,54 @@ class KafkaDeadLetterSink:
         await self.producer.send_and_wait(self.topic, orjson.dumps(record), key=key.encode() if key else None,
                                           headers=[("reason", reason.encode())])
         self.sent += 1
+
+
+class KafkaThreadJournal:
+    """Records Slack threads (:class:`outputs.slack.SlackThreads`) on a compacted topic: key = the incident's
+    dedup key, value = ``{"channel", "ts"}``, a tombstone once the incident is resolved."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.failures = 0
+
+    async def record(self, key: str, channel: str, ts: str | None) -> None:
+        value = None if ts is None else orjson.dumps({"channel": channel, "ts": ts})
+        try:
+            await self.producer.send_and_wait(self.topic, value, key=key.encode())
+        except KafkaError as exc:
+            # The message is in Slack already; only a restart before the next record loses the thread.
+            self.failures += 1
+            log.warning("Slack thread of incident %s not recorded on %s (%s: %s); if the forwarder restarts "
+                        "before the incident's next update, that update starts a new thread", key, self.topic,
+                        type(exc).__name__, exc)
+
+
+async def read_thread_journal(kafka: KafkaSettings, topic: str) -> list[tuple[str, str, str | None]]:
+    """Every (dedup key, channel, ts or None) record on ``topic``, in the order each partition holds them."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                client_id=f"{kafka.client_id}-forwarder", **kafka.aiokafka_config())
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        out: list[tuple[str, str, str | None]] = []
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for r in records:
+                    key = r.key.decode("utf-8", "replace") if r.key else ""
+                    if r.value is None:
+                        out.append((key, "", None))
+                        continue
+                    try:
+                        doc = orjson.loads(r.value)
+                        out.append((key, str(doc["channel"]), str(doc["ts"])))
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        log.warning("skipped an unreadable record at %s[%d]@%d", topic, r.partition, r.offset)
+        return out
+    finally:
+        await consumer.stop()

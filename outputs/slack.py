@@ -8,8 +8,10 @@ mrkdwn with ``&``, ``<`` and ``>`` escaped, as Slack requires.
 **Threads.**  Incoming webhooks cannot thread: Slack returns no message ``ts`` to reply to, so in
 ``webhook`` mode every update of an incident is a new message that carries the incident's dedup key.
 In ``bot`` mode the first message of an incident is remembered (dedup key to ``ts``) and its updates
-and resolution are replies in that thread (the resolution also shown in the channel).  The map lives
-in memory: after a forwarder restart an incident's next update starts a new thread.
+and resolution are replies in that thread (the resolution also shown in the channel).  The map
+(:class:`SlackThreads`) lives in memory; ``gpusentry forward`` also records it on a compacted topic
+and reads it back when it starts, so an incident keeps its thread across forwarder restarts and
+partition moves.
 
 Slack allows one message per second per webhook (the default ``rate_per_s = 1``) and answers 429
 with ``Retry-After``.  Webhook errors come back as plain text (``invalid_payload``, ``invalid_blocks``,
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -125,6 +127,57 @@ def check_blocks(message: dict[str, Any]) -> list[str]:
     return problems
 
 
+class ThreadJournal(Protocol):
+    async def record(self, key: str, channel: str, ts: str | None) -> None:
+        """Record that incident ``key``'s thread in ``channel`` is ``ts`` (None: the incident is over).
+
+        A journal reports its own failures (logged and counted) and never raises them: the message
+        it records is already in Slack, and sending it again would post it twice.
+        """
+
+
+class SlackThreads:
+    """Which thread holds each open incident: dedup key -> (channel, ts of the incident's first message).
+
+    Bounded (``THREADS_KEPT``, the oldest forgotten first).  With a ``journal``, every change is also
+    recorded there, and :meth:`load` brings back what an earlier forwarder recorded.
+    """
+
+    def __init__(self, journal: ThreadJournal | None = None) -> None:
+        self.journal = journal
+        self._threads: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._threads)
+
+    def get(self, key: str, channel: str) -> str | None:
+        """The thread of incident ``key`` in ``channel`` (a thread in another channel cannot be replied to)."""
+        entry = self._threads.get(key)
+        return entry[1] if entry is not None and entry[0] == channel else None
+
+    def load(self, entries: Iterable[tuple[str, str, str | None]]) -> None:
+        """Replay (key, channel, ts or None) records in the order they were made."""
+        for key, channel, ts in entries:
+            self._set(key, channel, ts)
+
+    async def remember(self, key: str, channel: str, ts: str) -> None:
+        self._set(key, channel, ts)
+        if self.journal is not None:
+            await self.journal.record(key, channel, ts)
+
+    async def forget(self, key: str, channel: str) -> None:
+        if self._threads.pop(key, None) is not None and self.journal is not None:
+            await self.journal.record(key, channel, None)
+
+    def _set(self, key: str, channel: str, ts: str | None) -> None:
+        self._threads.pop(key, None)
+        if ts is None:
+            return
+        self._threads[key] = (channel, ts)
+        if len(self._threads) > THREADS_KEPT:
+            self._threads.popitem(last=False)
+
+
 class SlackOutput(Output):
     kind = "slack"
 
@@ -132,7 +185,7 @@ class SlackOutput(Output):
                  clock: Clock | None = None) -> None:
         super().__init__(settings, name, clock=clock)
         self.settings = settings
-        self.threads: OrderedDict[str, str] = OrderedDict()
+        self.threads = SlackThreads()
         self._webhook_url = read_secret(settings.webhook_url, settings.webhook_url_file, "outputs.slack.webhook_url")
         self._bot_token = read_secret(settings.bot_token, settings.bot_token_file, "outputs.slack.bot_token")
         if settings.mode == "webhook" and not self._webhook_url:
@@ -159,8 +212,9 @@ class SlackOutput(Output):
 
     async def _post_in_thread(self, alert: Alert, message: dict[str, Any]) -> None:
         key = dedup_key(alert)
-        body: dict[str, Any] = {"channel": self.settings.channel, **message}
-        thread = self.threads.get(key)
+        channel = self.settings.channel or ""  # bot mode has one (checked when the output is built)
+        body: dict[str, Any] = {"channel": channel, **message}
+        thread = self.threads.get(key, channel)
         if thread is not None:
             body["thread_ts"] = thread
             if status(alert) == "resolved" and self.settings.broadcast_resolved:
@@ -173,12 +227,10 @@ class SlackOutput(Output):
             error = str(doc.get("error") or "unknown_error")
             raise DeliveryError(f"Slack chat.postMessage refused the message: {error}",
                                 retryable=error in RETRYABLE_API_ERRORS)
-        if thread is None and isinstance(doc.get("ts"), str):
-            self.threads[key] = doc["ts"]
-            if len(self.threads) > THREADS_KEPT:
-                self.threads.popitem(last=False)
         if status(alert) == "resolved":
-            self.threads.pop(key, None)
+            await self.threads.forget(key, channel)
+        elif thread is None and isinstance(doc.get("ts"), str):
+            await self.threads.remember(key, channel, doc["ts"])
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -198,3 +198,69 @@ def test_a_delivery_longer_than_the_poll_interval_keeps_the_group_and_forwards_o
     finally:
         check.close()
     assert committed.offset == 2
+
+
+def test_slack_threads_survive_a_forwarder_restart(bootstrap, topic_factory, receivers):
+    """Bot mode: each forwarder run is a fresh process state; the incident's updates still go to its thread."""
+    from outputs.forwarder import slack_threads_topic
+    from outputs.kafka import read_thread_journal
+
+    alerts_topic = topic_factory("alerts")
+    cfg = load_config(environ={
+        "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "GPUSENTRY_TOPICS__ALERTS": alerts_topic,
+        "GPUSENTRY_TOPICS__DEADLETTER": topic_factory("dl"),
+        "GPUSENTRY_OUTPUTS__GROUP_ID": f"fwd-slack-{os.getpid()}-{time.time_ns()}",
+        "GPUSENTRY_OUTPUTS__SLACK__ENABLED": "true", "GPUSENTRY_OUTPUTS__SLACK__MODE": "bot",
+        "GPUSENTRY_OUTPUTS__SLACK__BOT_TOKEN": rx.SLACK_BOT_TOKEN, "GPUSENTRY_OUTPUTS__SLACK__CHANNEL": "C0SOC",
+        "GPUSENTRY_OUTPUTS__SLACK__API_URL": receivers.base + "/api", "GPUSENTRY_OUTPUTS__SLACK__RATE_PER_S": "0"})
+    opened, resolved = incident(5)
+    update = alert(5, message="more evidence")
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+
+    def forward_run(*alerts):  # a forwarder run that delivers these alerts, then stops
+        for a in alerts:
+            producer.produce(alerts_topic, c.encode(a), key=a["gpusentry"]["alert"]["dedup_key"])
+        producer.flush(10)
+        wanted = len(receivers.received[rx.SLACK_API]) + len(alerts)
+
+        async def main():
+            stop = asyncio.Event()
+            task = asyncio.create_task(forward(cfg, stop))
+            deadline = time.monotonic() + 30
+            while len(receivers.received[rx.SLACK_API]) < wanted and time.monotonic() < deadline and not task.done():
+                await asyncio.sleep(0.1)
+            stop.set()
+            return await asyncio.wait_for(task, 20)
+
+        return asyncio.run(main())
+
+    assert forward_run(opened).outcomes == {"slack:delivered": 1}
+    assert forward_run(update, resolved).outcomes == {"slack:delivered": 2}
+    assert not receivers.violations
+    ((parent_ts, thread),) = receivers.slack_threads.items()
+    parent, *replies = thread
+    assert len(replies) == 2 and all(m["thread_ts"] == parent_ts for m in replies)
+    key = opened["gpusentry"]["alert"]["dedup_key"]
+    records = asyncio.run(read_thread_journal(cfg.kafka, slack_threads_topic(cfg)))
+    assert records == [(key, "C0SOC", parent_ts), (key, "", None)], "recorded when opened, tombstoned when resolved"
+
+
+def test_slack_threads_stay_in_memory_when_their_topic_cannot_be_created(monkeypatch, caplog):
+    import outputs.forwarder as fwd
+    from gpusentry.broker import BrokerUnavailable
+    from outputs.slack import SlackOutput
+
+    def refused(*args, **kwargs):
+        raise BrokerUnavailable("could not create topic 'x-slack-threads': TOPIC_AUTHORIZATION_FAILED")
+
+    monkeypatch.setattr(fwd, "create_topics", refused)
+    cfg = load_config(environ={
+        "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1", "GPUSENTRY_OUTPUTS__SLACK__ENABLED": "true",
+        "GPUSENTRY_OUTPUTS__SLACK__MODE": "bot", "GPUSENTRY_OUTPUTS__SLACK__BOT_TOKEN": rx.SLACK_BOT_TOKEN,
+        "GPUSENTRY_OUTPUTS__SLACK__CHANNEL": "C0SOC"})
+    output = SlackOutput(cfg.outputs.slack)
+    with caplog.at_level("WARNING"):
+        asyncio.run(fwd._keep_slack_threads(cfg, output, producer=None))
+    assert output.threads.journal is None
+    assert "kept in memory only" in caplog.text and "cleanup.policy=compact" in caplog.text
+    assert rx.SLACK_BOT_TOKEN not in caplog.text

@@ -124,6 +124,35 @@ def test_slack_bot_mode_threads_updates(receivers):
     assert replies[-1]["reply_broadcast"] is True and replies[-1]["text"].startswith("[RESOLVED]")
 
 
+def test_slack_thread_memory_is_bounded_per_channel_and_replays_its_journal(monkeypatch):
+    import outputs.slack as slack
+
+    class Journal:
+        def __init__(self):
+            self.records = []
+
+        async def record(self, key, channel, ts):
+            self.records.append((key, channel, ts))
+
+    monkeypatch.setattr(slack, "THREADS_KEPT", 2)
+    journal = Journal()
+    threads = slack.SlackThreads(journal)
+
+    async def steps():
+        for i in range(3):
+            await threads.remember(f"k{i}", "C1", f"1.{i}")
+        await threads.forget("k2", "C1")
+        await threads.forget("never-opened", "C1")  # nothing to forget: nothing recorded
+
+    asyncio.run(steps())
+    assert (threads.get("k0", "C1"), threads.get("k1", "C1"), threads.get("k2", "C1")) == (None, "1.1", None)
+    assert threads.get("k1", "C2") is None, "a thread in another channel cannot be replied to"
+    assert journal.records == [("k0", "C1", "1.0"), ("k1", "C1", "1.1"), ("k2", "C1", "1.2"), ("k2", "C1", None)]
+    again = slack.SlackThreads()
+    again.load(journal.records)
+    assert (again.get("k1", "C1"), again.get("k2", "C1"), len(again), len(threads)) == ("1.1", None, 1, 1)
+
+
 def test_pagerduty_trigger_then_resolve_the_same_incident(receivers):
     clock = FakeClock()
     out = PagerDutyOutput(pagerduty(receivers, link_url="https://siem.example/search?q={dedup_key}"), clock=clock)
