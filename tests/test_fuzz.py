@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from gpusentry import contract as c
 from gpusentry.pcap import CaptureError, CaptureStats, client_hello_sni, read_capture
 
 PCAPS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pcaps"
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# GPUSENTRY_FUZZ_EXAMPLES raises the budget for a long local run (CI keeps the default).
+FUZZ = settings(max_examples=int(os.environ.get("GPUSENTRY_FUZZ_EXAMPLES", "150")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 # One engine with every detector, strict: a detector that raises fails the test.
 ENGINE = Engine(strict=True)
 
