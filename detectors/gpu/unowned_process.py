@@ -32,6 +32,9 @@ MAX_LEARNED = 1024  # programs learned per host during the learning period
 class _Gpu:
     job: set[int] = field(default_factory=set)  # pids of the job learned when the GPU came into use
     job_program: str | None = None
+    # The last sample needed nothing (no process on the GPU, or only its job): a steady sample, which
+    # repeats its processes with no process event since, needs nothing either.
+    settled: bool = False
 
 
 @dataclass
@@ -80,20 +83,25 @@ class UnownedGpuProcess(GpuDetector):
         return OwnershipState(host_process_table(shared))
 
     def process_parsed(self, event: dict[str, Any], s: Sample, state: OwnershipState) -> Iterable[Finding]:
-        # Not skipped on steady samples: a process nobody owns is reported again every REPEAT_S while it stays.
         if state.first_seen is None:
             state.first_seen = s.ts
         gpu = state.gpus.get(s.uuid)
         if gpu is None:
             gpu = state.gpus[s.uuid] = _Gpu()
+        elif gpu.settled and s.steady:
+            # Only then: while a process nobody owns stays, its finding is repeated every REPEAT_S.
+            return ()
         procs = s.procs
         if not procs:
             gpu.job.clear()  # nothing on the GPU: its job has ended
+            gpu.settled = True
             return ()
         job = gpu.job
         if len(procs) == len(job) and job.issuperset(s.pids or ()):
             # The GPU's job and nothing else (NVML lists a pid once per GPU): nothing to learn or report.
+            gpu.settled = True
             return ()
+        gpu.settled = False
         g = self.settings.gpu
         learning = g.learn_jobs_for_s > 0 and s.ts - state.first_seen < g.learn_jobs_for_s
         table = state.table
