@@ -21,3 +21,16 @@ def test_every_contract_field_is_documented():
 def test_readme_states_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert "make run" in text and "make test" in text
+
+
+def test_the_detector_guide_shows_the_detector_as_it_is():
+    """docs/detectors.md walks through a shipped detector; its code block must be a verbatim excerpt."""
+    import re
+
+    text = (ROOT / "docs" / "detectors.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    source = (ROOT / "detectors" / "process" / "gpu_tuning.py").read_text()
+    assert block in source, "docs/detectors.md: update the example from detectors/process/gpu_tuning.py"
+    from detectors.engine import discover
+
+    assert "process.gpu_tuning" in {cls.id for cls in discover()}
