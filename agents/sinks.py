@@ -109,6 +109,7 @@ class KafkaSink:
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
         self._fatal = False
+        self._closed = False
         self._last_error_logged: str | None = None
         self.config: dict[str, Any] = {
             **kafka.confluent_config(),
@@ -245,6 +246,9 @@ class KafkaSink:
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what can be delivered in ``timeout``; the rest stays spooled for the next start."""
+        if self._closed:
+            return
+        self._closed = True
         self.drain(timeout)
         with self._lock:
             self.producer.purge(in_queue=True, in_flight=False, blocking=False)
@@ -252,6 +256,9 @@ class KafkaSink:
             self.producer.poll(0)
             self._settle()
             self.spool.close()
+            # The client holds our callbacks and we hold it: let it go now (its threads and sockets with it)
+            # rather than whenever the garbage collector gets round to the cycle.
+            del self.producer
         if self.spool.pending:
             log.warning("%d message(s) stay in the spool (%s) and are sent at the next start", self.spool.pending,
                         self.spool.dir)

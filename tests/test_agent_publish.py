@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import orjson
@@ -357,3 +358,28 @@ def test_spool_model_based_order_and_resume(tmp_path_factory):
         spool.close()
 
     check()
+
+
+def test_closing_the_kafka_sink_releases_its_client_at_once_and_twice_is_harmless(tmp_path):
+    """The client's threads must go with close(), not with a later collection of a reference cycle."""
+    import gc
+
+    from gpusentry.config import load_config
+
+    def threads() -> int:  # librdkafka's threads are the process's: they exist while the client does
+        return len(os.listdir("/proc/self/task"))
+
+    cfg = load_config(None, environ={
+        "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1", "GPUSENTRY_AGENT__COLLECTORS": '["gpu"]',
+        "GPUSENTRY_AGENT__HOST_NAME": HOST, "GPUSENTRY_AGENT__SPOOL_DIR": str(tmp_path / "spool")})
+    gc.collect()
+    gc.disable()
+    try:
+        before = threads()
+        agent = Agent(cfg, outputs=["kafka"], nvml=fake_gpus(1).module(), strict=True)
+        assert threads() > before
+        agent.close(timeout=0.5)
+        assert threads() == before, "the Kafka client outlived close(): its threads keep reconnecting"
+        agent.close(timeout=0.5)
+    finally:
+        gc.enable()
