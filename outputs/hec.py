@@ -22,7 +22,7 @@ import orjson
 from gpusentry.contract import get
 from gpusentry.settings.outputs import HecOutputSettings, read_secret
 from outputs.base import Alert, Clock, DeliveryError, Output, alert_time, dedup_key, severity, status
-from outputs.http import check_response, make_client
+from outputs.http import check_response, json_object, make_client
 
 EVENT_PATH = "/services/collector/event"
 ACK_PATH = "/services/collector/ack"
@@ -89,7 +89,7 @@ class HecOutput(Output):
         response = await self.client.post(self.url, content=body, headers=self._headers())
         check_response(response, "Splunk HEC", self.clock, detail=_hec_detail(response))
         if self.settings.ack:
-            ack_id = _json(response).get("ackId")
+            ack_id = json_object(response).get("ackId")
             if not isinstance(ack_id, int):
                 raise DeliveryError("Splunk HEC gave no ackId although ack = true: enable indexer "
                                     "acknowledgement on the token or set outputs.hec.ack = false", retryable=False)
@@ -101,7 +101,7 @@ class HecOutput(Output):
         while True:
             response = await self.client.post(url, content=orjson.dumps({"acks": [ack_id]}), headers=self._headers())
             check_response(response, "Splunk HEC ack", self.clock, detail=_hec_detail(response))
-            if _json(response).get("acks", {}).get(str(ack_id)) is True:
+            if json_object(response).get("acks", {}).get(str(ack_id)) is True:
                 return
             if self.clock.monotonic() >= deadline:
                 raise DeliveryError(f"Splunk HEC did not acknowledge ackId {ack_id} within "
@@ -112,16 +112,8 @@ class HecOutput(Output):
         await self.client.aclose()
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        doc = response.json()
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def _hec_detail(response: httpx.Response) -> str | None:
-    doc = _json(response)
+    doc = json_object(response)
     if "text" not in doc:
         return None
     hint = ""

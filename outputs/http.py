@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -37,3 +38,12 @@ def check_response(response: httpx.Response, service: str, clock: Clock, *, deta
     retryable = code in (408, 429) or code >= 500
     retry_after = retry_after_seconds(response.headers.get("Retry-After"), clock.time()) if retryable else None
     raise DeliveryError(reason, retryable=retryable, retry_after=retry_after, status=code)
+
+
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """The response body as a JSON object; an empty dict when it is not one (HTML error pages, plain text)."""
+    try:
+        doc = response.json()
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}

@@ -19,7 +19,7 @@ from typing import Any
 from gpusentry.contract import get
 from gpusentry.settings.outputs import PagerDutyOutputSettings, read_secret
 from outputs.base import Alert, Clock, DeliveryError, Output, dedup_key, first, severity, status, truncate
-from outputs.http import check_response, make_client
+from outputs.http import check_response, json_object, make_client
 
 SEVERITY_MAP = {"critical": "critical", "high": "error", "medium": "warning", "low": "info"}
 ACTIONS = {"open": "trigger", "resolved": "resolve", "acknowledged": "acknowledge"}
@@ -102,10 +102,7 @@ class PagerDutyOutput(Output):
 
 
 def _errors(response: Any) -> str:
-    try:
-        doc = response.json()
-    except ValueError:
-        return truncate(response.text, 300)
-    if isinstance(doc, dict):
+    doc = json_object(response)
+    if doc:
         return f"{doc.get('message', '')} {doc.get('errors', '')}".strip()
     return truncate(response.text, 300)

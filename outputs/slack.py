@@ -25,12 +25,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-import httpx
-
 from gpusentry.contract import get
 from gpusentry.settings.outputs import SlackOutputSettings, read_secret
 from outputs.base import Alert, Clock, DeliveryError, Output, dedup_key, first, severity, status, truncate
-from outputs.http import check_response, make_client
+from outputs.http import check_response, json_object, make_client
 
 MAX_BLOCKS = 50
 HEADER_LIMIT = 150
@@ -222,7 +220,7 @@ class SlackOutput(Output):
         response = await self.client.post(f"{self.settings.api_url.rstrip('/')}/chat.postMessage", json=body,
                                           headers={"Authorization": f"Bearer {self._bot_token}"})
         check_response(response, "Slack chat.postMessage", self.clock)
-        doc = _json(response)
+        doc = json_object(response)
         if not doc.get("ok"):
             error = str(doc.get("error") or "unknown_error")
             raise DeliveryError(f"Slack chat.postMessage refused the message: {error}",
@@ -236,9 +234,3 @@ class SlackOutput(Output):
         await self.client.aclose()
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        doc = response.json()
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
