@@ -264,14 +264,18 @@ class GpuWindows:
             return self._close_complete(uuid, index, acc, columns, sums)
         return self._close_general(uuid, index, acc, columns)
 
-    def _close_general(self, uuid: str, index: int, acc: _Acc, columns: list[tuple[Any, ...]]) -> Window:
-        """Summarise a window whose samples may lack numbers or carry non-finite ones."""
-        limit, sm, memclk = _finite(columns[_LIMIT]), _finite(columns[_SM]), _finite(columns[_MEMCLK])
+    def _references(self, uuid: str, name: str | None, sm: Sequence[float], memclk: Sequence[float],
+                    limit: Sequence[float]) -> tuple[float, float, float | None]:
+        """The GPU's maximum core and memory clocks and its board power, against which a window's are fractions.
+
+        The product's datasheet figures where ``name`` is a known GPU, raised by the highest values seen
+        (finite ones: ``sm``, ``memclk``, ``limit``); the board power of an unknown GPU is its highest limit.
+        """
         ref = self._ref.get(uuid)
         if ref is None:
             ref = self._ref[uuid] = [0.0, 0.0, 0.0, None]
-        if acc.name:
-            ref[3] = acc.name
+        if name:
+            ref[3] = name
         for slot, values in ((0, sm), (1, memclk), (2, limit)):
             if values:
                 top = max(values)
@@ -280,7 +284,12 @@ class GpuWindows:
         spec = spec_for(ref[3])
         max_sm = max(spec.max_sm_mhz if spec else 0.0, ref[0])
         max_memclk = max(spec.mem_mhz if spec else 0.0, ref[1])
-        tdp = spec.tdp_watts if spec else ref[2]
+        return max_sm, max_memclk, spec.tdp_watts if spec else ref[2]
+
+    def _close_general(self, uuid: str, index: int, acc: _Acc, columns: list[tuple[Any, ...]]) -> Window:
+        """Summarise a window whose samples may lack numbers or carry non-finite ones."""
+        limit, sm, memclk = _finite(columns[_LIMIT]), _finite(columns[_SM]), _finite(columns[_MEMCLK])
+        max_sm, max_memclk, tdp = self._references(uuid, acc.name, sm, memclk, limit)
         util_mean = util_std = util_min = util_max = busy_frac = None
         utils = [u for u in columns[_UTIL] if u is not None]  # checked when read
         if utils:
@@ -316,19 +325,7 @@ class GpuWindows:
                         sums: list[float]) -> Window:
         """:meth:`_close` when every sample reported every number: the same figures, from whole-column sums."""
         n = len(columns[0])
-        ref = self._ref.get(uuid)
-        if ref is None:
-            ref = self._ref[uuid] = [0.0, 0.0, 0.0, None]
-        if acc.name:
-            ref[3] = acc.name
-        for slot, i in ((0, _SM), (1, _MEMCLK), (2, _LIMIT)):
-            top = max(columns[i])
-            if top > ref[slot]:
-                ref[slot] = top
-        spec = spec_for(ref[3])
-        max_sm = max(spec.max_sm_mhz if spec else 0.0, ref[0])
-        max_memclk = max(spec.mem_mhz if spec else 0.0, ref[1])
-        tdp = spec.tdp_watts if spec else ref[2]
+        max_sm, max_memclk, tdp = self._references(uuid, acc.name, columns[_SM], columns[_MEMCLK], columns[_LIMIT])
         utils = columns[_UTIL]
         util_mean = sums[_UTIL] / n
         busy_pct = self.busy_pct
