@@ -97,7 +97,9 @@ def test_process_start_and_end_of_a_real_child(workdir, source):
         col.close()
 
 
-def test_netlink_sees_processes_shorter_than_a_cycle():
+@pytest.fixture
+def netlink_collector():
+    """A started process collector on the kernel's process-events connector (root only), closed afterwards."""
     if not PRIVILEGED:
         pytest.skip("the process-events connector needs root (CAP_NET_ADMIN)")
     col = ProcessCollector(HOST, metrics=AgentMetrics(), source="netlink")
@@ -106,26 +108,31 @@ def test_netlink_sees_processes_shorter_than_a_cycle():
     except NetlinkUnavailable as exc:
         pytest.skip(f"no process-events connector here: {exc}")
     try:
-        col.collect(time.time())
-        # Ten processes that live about 10 ms each, all between two cycles.
-        pids = []
-        for _ in range(10):
-            child = subprocess.Popen(["sleep", "0.01"])
-            child.wait()
-            pids.append(child.pid)
-        time.sleep(0.2)
-        events = valid(col.collect(time.time()))
-        starts = {e["process"]["pid"]: e for e in events if e["event"]["type"] == ["start"]}
-        ends = {e["process"]["pid"] for e in events if e["event"]["type"] == ["end"]}
-        assert set(pids) <= set(starts), "a short-lived process vanished unseen"
-        assert set(pids) <= ends
-        # Details are read the moment exec is announced; on a loaded machine a 10 ms process can be gone
-        # by then (counted in processes_vanished), so most, not necessarily all, carry their command line.
-        detailed = [starts[p] for p in pids if starts[p]["process"]["args"]]
-        assert len(detailed) >= 5
-        assert all(e["process"]["args"] == ["sleep", "0.01"] for e in detailed)
+        yield col
     finally:
         col.close()
+
+
+def test_netlink_sees_processes_shorter_than_a_cycle(netlink_collector):
+    col = netlink_collector
+    col.collect(time.time())
+    # Ten processes that live about 10 ms each, all between two cycles.
+    pids = []
+    for _ in range(10):
+        child = subprocess.Popen(["sleep", "0.01"])
+        child.wait()
+        pids.append(child.pid)
+    time.sleep(0.2)
+    events = valid(col.collect(time.time()))
+    starts = {e["process"]["pid"]: e for e in events if e["event"]["type"] == ["start"]}
+    ends = {e["process"]["pid"] for e in events if e["event"]["type"] == ["end"]}
+    assert set(pids) <= set(starts), "a short-lived process vanished unseen"
+    assert set(pids) <= ends
+    # Details are read the moment exec is announced; on a loaded machine a 10 ms process can be gone
+    # by then (counted in processes_vanished), so most, not necessarily all, carry their command line.
+    detailed = [starts[p] for p in pids if starts[p]["process"]["args"]]
+    assert len(detailed) >= 5
+    assert all(e["process"]["args"] == ["sleep", "0.01"] for e in detailed)
 
 
 def test_poll_mode_misses_nothing_that_outlives_a_cycle_and_hashes_executables(workdir):
@@ -371,32 +378,23 @@ def test_dns_only_capture_when_no_payload_is_wanted():
         server.close()
 
 
-def test_netlink_reader_failure_falls_back_to_polling(workdir, caplog):
-    if not PRIVILEGED:
-        pytest.skip("the process-events connector needs root (CAP_NET_ADMIN)")
-    col = ProcessCollector(HOST, metrics=AgentMetrics(), source="netlink")
+def test_netlink_reader_failure_falls_back_to_polling(netlink_collector, workdir, caplog):
+    col = netlink_collector
+    col.collect(time.time())
+    connector = col._connector
+    assert connector is not None
+    with caplog.at_level("ERROR"):
+        connector.sock.close()  # the reader's socket breaks under it
+        deadline = time.monotonic() + 5
+        while not connector.failed and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert connector.failed and "falls back to polling" in caplog.text
+    child = sleeper(workdir, "--fake-flag")
     try:
-        col.start()
-    except NetlinkUnavailable as exc:
-        pytest.skip(f"no process-events connector here: {exc}")
-    try:
-        col.collect(time.time())
-        connector = col._connector
-        assert connector is not None
-        with caplog.at_level("ERROR"):
-            connector.sock.close()  # the reader's socket breaks under it
-            deadline = time.monotonic() + 5
-            while not connector.failed and time.monotonic() < deadline:
-                time.sleep(0.05)
-        assert connector.failed and "falls back to polling" in caplog.text
-        child = sleeper(workdir, "--fake-flag")
-        try:
-            hits, _ = wait_for(col.collect, lambda e: e["process"]["pid"] == child.pid)
-            assert col.source == "poll"
-            assert col.metrics.value("gpusentry_agent_collector_errors_total",
-                                     {"collector": "process", "reason": "netlink_reader_failed"}) == 1
-        finally:
-            child.kill()
-            child.wait()
+        hits, _ = wait_for(col.collect, lambda e: e["process"]["pid"] == child.pid)
+        assert col.source == "poll"
+        assert col.metrics.value("gpusentry_agent_collector_errors_total",
+                                 {"collector": "process", "reason": "netlink_reader_failed"}) == 1
     finally:
-        col.close()
+        child.kill()
+        child.wait()
