@@ -21,6 +21,7 @@ answers HTTP 200 with ``{"ok": false, "error": ...}``.  Both end up verbatim in 
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -43,8 +44,17 @@ SEVERITY_ICON = {"low": ":large_blue_circle:", "medium": ":large_yellow_circle:"
 RETRYABLE_API_ERRORS = {"internal_error", "fatal_error", "service_unavailable", "request_timeout", "ratelimited"}
 
 
+# Slack's broadcast mentions also work without angle brackets where link_names is on.
+_BROADCAST = re.compile(r"@(channel|here|everyone)\b", re.IGNORECASE)
+
+
 def escape(text: Any) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Host text as inert mrkdwn: ``&<>`` escaped as Slack requires (so ``<!channel>``, ``<@U1>`` and
+    ``<http://x|label>`` links are shown, not acted on), bare ``@channel``/``@here`` broken with a
+    zero-width joiner, and backticks (which mrkdwn cannot escape) replaced by a look-alike so a
+    command line cannot close our code spans."""
+    out = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "\u02cb")
+    return _BROADCAST.sub("@\u2060\\1", out)
 
 
 def _field(label: str, value: Any) -> dict[str, str]:
@@ -89,7 +99,8 @@ def build_message(alert: Alert) -> dict[str, Any]:
     technique = first(alert, "threat.technique.subtechnique.id", "threat.technique.id")
     context = f"gpusentry · event time {get(alert, '@timestamp')} · MITRE ATT&CK {technique or 'T1496'}"
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": escape(context)}]})
-    fallback = truncate(f"[{verb}] {message} (incident {key})", FALLBACK_LIMIT)
+    # The fallback is what notifications show, and Slack parses it as mrkdwn too.
+    fallback = truncate(escape(f"[{verb}] {message} (incident {key})"), FALLBACK_LIMIT)
     return {"text": fallback, "blocks": blocks[:MAX_BLOCKS]}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,9 +31,11 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from gpusentry.broker import EmbeddedBroker, create_topics
 from gpusentry.config import Config
+from gpusentry.contract import get
 
 DEMO_HOST = "sim-demo-gpu-01"
 DEMO_SCENARIO = "miner-blatant"
@@ -83,24 +86,60 @@ class IncidentView:
 
     incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
     updates: int = 0
+    unreadable: int = 0  # messages on the alerts topic that are not an alert object
+
 
     def add(self, alert: dict[str, Any]) -> None:
-        key = alert.get("gpusentry", {}).get("alert", {}).get("dedup_key") or alert.get("event", {}).get("id", "?")
-        self.incidents[key] = alert
+        key = get(alert, "gpusentry.alert.dedup_key") or get(alert, "event.id") or "?"
+        self.incidents[str(key)] = alert
         self.updates += 1
 
     def table(self) -> Table:
-        t = Table(expand=True, title=f"incidents ({len(self.incidents)}, {self.updates} updates)")
+        unreadable = f", {self.unreadable} unreadable messages skipped" if self.unreadable else ""
+        t = Table(expand=True, title=f"incidents ({len(self.incidents)}, {self.updates} updates{unreadable})")
         for col in ("last update (event time)", "host", "severity", "status", "evidence", "GPU-h / USD", "message"):
             t.add_column(col, overflow="fold")
-        for alert in sorted(self.incidents.values(), key=lambda a: a["@timestamp"], reverse=True)[:20]:
-            a = alert["gpusentry"]["alert"]
-            cost = a.get("cost", {})
-            t.add_row(alert["@timestamp"], alert["host"]["name"],
-                      f"[{SEVERITY_STYLE.get(a['severity'], '')}]{a['severity']}[/]", a["status"],
-                      f"{a.get('evidence_count', 0)}: {', '.join(a.get('signals', []))}",
-                      f"{cost.get('gpu_seconds', 0) / 3600:.2f} / {cost.get('usd', 0):.2f}", alert.get("message", ""))
+        for alert in sorted(self.incidents.values(), key=lambda a: str(a.get("@timestamp")), reverse=True)[:20]:
+            t.add_row(*incident_row(alert))
         return t
+
+
+def _decode_alert(value: bytes) -> dict[str, Any] | None:
+    """An alert from the alerts topic, or None for a message that is not a JSON object."""
+    try:
+        alert = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return alert if isinstance(alert, dict) else None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(value: Any) -> Text:
+    """A host-supplied value for the terminal: plain text (no markup), and control characters written
+    as ``\\xNN`` so an escape sequence in a command line cannot move the cursor or recolour the view."""
+    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
+
+
+def incident_row(alert: dict[str, Any]) -> list[Text]:
+    """One incident as table cells.  Every cell is a ``Text``, never markup: host names, messages and
+    signals come from monitored hosts (or from whoever can write the alerts topic), and a ``[/bold]``
+    in a command line must print as itself, not end the live view with a MarkupError."""
+    cost = get(alert, "gpusentry.alert.cost")
+    cost = cost if isinstance(cost, dict) else {}
+    severity = str(get(alert, "gpusentry.alert.severity", "?"))
+    try:
+        money = f"{float(cost.get('gpu_seconds', 0)) / 3600:.2f} / {float(cost.get('usd', 0)):.2f}"
+    except (TypeError, ValueError):
+        money = "?"
+    signals = get(alert, "gpusentry.alert.signals")
+    signals = signals if isinstance(signals, list) else []
+    return [shown(alert.get("@timestamp", "")), shown(get(alert, "host.name", "")),
+            Text(_CONTROL.sub("?", severity), style=SEVERITY_STYLE.get(severity, "")),
+            shown(get(alert, "gpusentry.alert.status", "")),
+            shown(f"{get(alert, 'gpusentry.alert.evidence_count', 0)}: {', '.join(map(str, signals))}"), Text(money),
+            shown(alert.get("message", ""))]
 
 
 def demo_batches(start: float) -> Iterator[tuple[str, float, list[dict[str, Any]]]]:
@@ -219,24 +258,28 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
         with incidents_path.open("ab") as incidents_file, Live(console=console, auto_refresh=False,
                                                                transient=False) if live_terminal else _NoLive() as live:
             if not live_terminal:
-                console.print(f"{broker_note}\nincidents file: {incidents_path}\nlogs: {logs}", highlight=False)
+                console.print(f"{broker_note}\nincidents file: {incidents_path}\nlogs: {logs}", highlight=False,
+                              markup=False)
             try:
                 for tick in itertools.count():
                     msg = consumer.poll(0.25)
                     if msg is not None and not msg.error() and msg.value():
-                        incidents_file.write(msg.value().rstrip(b"\n") + b"\n")
-                        incidents_file.flush()
-                        alert = orjson.loads(msg.value())
-                        view.add(alert)
-                        if not live_terminal:
-                            a = alert["gpusentry"]["alert"]
-                            console.print(f"incident {a['status']} {a['severity']} on {alert['host']['name']}: "
-                                          f"{alert.get('message', '')}", highlight=False, markup=False)
+                        alert = _decode_alert(msg.value())
+                        if alert is None:
+                            view.unreadable += 1  # shown in the view; not filed as an incident
+                        else:
+                            incidents_file.write(msg.value().rstrip(b"\n") + b"\n")
+                            incidents_file.flush()
+                            view.add(alert)
+                            if not live_terminal:
+                                time_, host, sev, status, *_, message = (c.plain for c in incident_row(alert))
+                                console.print(f"incident {status} {sev} on {host}: {message}", highlight=False,
+                                              markup=False)
                     if live_terminal and (msg is not None or tick % 4 == 0):
                         live.update(_screen(view, broker_note, children, demo_thread, incidents_path, logs),
                                     refresh=True)
                     if children[0].proc is not None and children[0].proc.poll() not in (None, 0):
-                        console.print(f"[red]the worker stopped ({children[0].status()})[/]")
+                        console.print(Text(f"the worker stopped ({children[0].status()})", style="red"))
                         return 1
             finally:
                 consumer.close()
@@ -254,7 +297,8 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
         if broker is not None:
             broker.stop()
         signal.signal(signal.SIGTERM, previous)
-        console.print(f"stopped. Incidents are kept in {incidents_path}; logs in {logs}", highlight=False)
+        console.print(f"stopped. Incidents are kept in {incidents_path}; logs in {logs}", highlight=False,
+                      markup=False)
     return 130 if interrupted else 0
 
 
@@ -277,11 +321,11 @@ class _NoLive:
 
 def _screen(view: IncidentView, broker_note: str, children: list[Child], demo: Demo | None, incidents: Path,
             logs: Path) -> Group:
-    lines = [f"[bold]broker[/]  {broker_note}"]
-    for child in children:
-        lines.append(f"[bold]{child.name}[/]  {child.status()}")
+    # Labels are ours; the values (broker address, log paths, child status) are shown as plain text.
+    lines = [("broker", broker_note)] + [(child.name, child.status()) for child in children]
     if demo is not None:
         state = demo.error or ("running" if demo.is_alive() else "done")
-        lines.append(f"[bold]demo[/]  simulated hijack ({DEMO_SCENARIO}) on {DEMO_HOST}: {demo.sent} events, {state}")
-    lines.append(f"[bold]incidents file[/]  {incidents}    [bold]logs[/]  {logs}    Ctrl-C stops everything")
-    return Group(Panel("\n".join(lines), title="gpusentry up"), view.table())
+        lines.append(("demo", f"simulated hijack ({DEMO_SCENARIO}) on {DEMO_HOST}: {demo.sent} events, {state}"))
+    lines.append(("incidents file", f"{incidents}    logs  {logs}    Ctrl-C stops everything"))
+    body = Text("\n").join(Text.assemble((label, "bold"), "  ", value) for label, value in lines)
+    return Group(Panel(body, title="gpusentry up"), view.table())
