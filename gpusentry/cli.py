@@ -238,6 +238,136 @@ def pools_show(
     typer.echo(describe(cfg.detection.pools, show_entries=entries))
 
 
+feedback_app = typer.Typer(help="Analyst verdicts: make a signing key, add, list and revoke suppressions.",
+                           no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("keygen")
+def feedback_keygen(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the new signing key (PEM, mode 0600).")],
+) -> None:
+    """Make an analyst's Ed25519 signing key and print the public key line for the workers' trusted_keys."""
+    import os
+
+    from streams.feedback import generate_key
+
+    if out.exists():
+        fail(f"{out} exists; choose another path (an existing key is never overwritten)", EXIT_USAGE)
+    pem, public = generate_key()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    typer.echo(f"signing key written to {out} (keep it on your machine; never on a GPU node)")
+    typer.echo("add this line under [feedback.trusted_keys] in the workers' configuration:")
+    typer.echo(f'"{out.stem}" = "{public}"')
+
+
+ScopeHost = Annotated[str | None, typer.Option("--host", help="host.name the verdict covers.")]
+ScopeExe = Annotated[str | None, typer.Option("--executable", help="process.executable the verdict covers.")]
+ScopeRule = Annotated[str | None, typer.Option("--rule", help="rule.id the verdict covers.")]
+ScopeKey = Annotated[str | None, typer.Option("--dedup-key", help="The incident (gpusentry.alert.dedup_key).")]
+
+
+@feedback_app.command("add")
+def feedback_add(
+    reason: Annotated[str, typer.Option("--reason", help="Why this is benign (kept in the audit record).")],
+    host: ScopeHost = None, executable: ScopeExe = None, rule: ScopeRule = None, dedup_key: ScopeKey = None,
+    expires: Annotated[str | None, typer.Option(help="RFC 3339 time the verdict ends (default: now + "
+                                                "feedback.default_expiry_days).", show_default=False)] = None,
+    no_expiry: Annotated[bool, typer.Option("--no-expiry", help="Until revoked.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Sign and publish a 'benign' verdict: incident updates matching the whole scope are not published."""
+    import time
+
+    from gpusentry.timefmt import format_timestamp, parse_timestamp
+    from streams.feedback import FeedbackError
+    from streams.feedback_admin import publish, signed_verdict
+
+    cfg = setup(config)
+    scope = {"host.name": host, "process.executable": executable, "rule.id": rule,
+             "gpusentry.feedback.dedup_key": dedup_key}
+    if not any(scope.values()):
+        fail("give a scope: at least one of --host, --executable, --rule, --dedup-key", EXIT_USAGE)
+    if not reason.strip():
+        fail("--reason must say why (it is the audit record)", EXIT_USAGE)
+    if expires is not None:
+        try:
+            expires = format_timestamp(parse_timestamp(expires))
+        except (ValueError, TypeError) as exc:
+            fail(f"--expires: {exc}; expected RFC 3339, e.g. 2026-12-31T00:00:00Z", EXIT_USAGE)
+    elif not no_expiry:
+        expires = format_timestamp(time.time() + cfg.feedback.default_expiry_days * 86400)
+    try:
+        doc = signed_verdict(cfg, verdict="benign", scope=scope, reason=reason, expires=expires)
+        publish(cfg, doc)
+    except FeedbackError as exc:
+        fail(str(exc))
+    fb = doc["gpusentry"]["feedback"]
+    typer.echo(f"verdict {fb['id']} published: benign for {', '.join(f'{k}={v}' for k, v in scope.items() if v)}"
+               f" until {expires or 'revoked'}, signed by {fb['signature']['key_id']}")
+
+
+@feedback_app.command("list")
+def feedback_list(
+    all_: Annotated[bool, typer.Option("--all", help="Also verdicts that are no longer in force.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per verdict.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """The audit trail: every verdict on the feedback topic, who made it, why, and what became of it."""
+    import time
+
+    import orjson
+    from rich.table import Table
+
+    from streams.feedback import FeedbackError, Verifier
+    from streams.feedback_admin import audit, read_feedback_topic
+
+    cfg = setup(config)
+    try:
+        rows = audit(read_feedback_topic(cfg), Verifier.from_settings(cfg.feedback), now=time.time())
+    except FeedbackError as exc:
+        fail(str(exc))
+    shown = rows if all_ else [r for r in rows if r.state == "in force"]
+    if as_json:
+        for r in shown:
+            typer.echo(orjson.dumps(r.as_dict()).decode())
+        return
+    table = Table(title=f"{len(shown)} of {len(rows)} verdicts" + ("" if all_ else " (in force; --all for every one)"))
+    for col in ("id", "made (UTC)", "verdict", "by", "key", "scope", "reason", "expires", "state"):
+        table.add_column(col, overflow="fold")
+    for r in shown:
+        table.add_row(*(Text(v) for v in (r.verdict_id[:12], r.timestamp, r.verdict, r.analyst, r.signed_by,
+                                          " ".join(f"{k}={v}" for k, v in r.scope.items()), r.reason,
+                                          r.expires or "-", r.state)))
+    Console(soft_wrap=True).print(table)
+
+
+@feedback_app.command("revoke")
+def feedback_revoke(
+    verdict_id: Annotated[str, typer.Argument(help="The verdict's id (or its first 6+ characters), from `list`.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why the verdict is lifted (audit record).")],
+    config: ConfigOption = None,
+) -> None:
+    """Sign and publish the revocation of one verdict: its scope is no longer suppressed."""
+    import time
+
+    from streams.feedback import FeedbackError, Verifier
+    from streams.feedback_admin import audit, find_verdict, publish, read_feedback_topic, signed_verdict
+
+    cfg = setup(config)
+    try:
+        rows = audit(read_feedback_topic(cfg), Verifier.from_settings(cfg.feedback), now=time.time())
+        target = find_verdict(rows, verdict_id)
+        scope = {("gpusentry.feedback." + k if k == "dedup_key" else k): v for k, v in target.scope.items()}
+        doc = signed_verdict(cfg, verdict="revoke", scope=scope, reason=reason, expires=None)
+        publish(cfg, doc)
+    except FeedbackError as exc:
+        fail(str(exc))
+    typer.echo(f"verdict {target.verdict_id} revoked (revocation {doc['gpusentry']['feedback']['id']})")
+
+
 outputs_app = typer.Typer(help="Check the alert outputs (SIEM, Slack, PagerDuty, webhooks).", no_args_is_help=True)
 app.add_typer(outputs_app, name="outputs")
 

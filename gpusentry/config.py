@@ -23,6 +23,7 @@ from gpusentry.settings.agent import AgentSettings
 from gpusentry.settings.base import Section
 from gpusentry.settings.core import ContractSettings, LoggingSettings
 from gpusentry.settings.detection import DetectionSettings
+from gpusentry.settings.feedback import FeedbackSettings
 from gpusentry.settings.kafka import KafkaSettings, TopicSettings
 from gpusentry.settings.outputs import OutputSettings
 from gpusentry.settings.worker import WorkerSettings
@@ -43,6 +44,8 @@ class Config(Section):
     worker: WorkerSettings = Field(default_factory=WorkerSettings, description="Stream worker.")
     detection: DetectionSettings = Field(default_factory=DetectionSettings, description="Detection engine.")
     outputs: OutputSettings = Field(default_factory=OutputSettings, description="Alert delivery.")
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings,
+                                       description="Analyst verdicts: trusted signing keys.")
 
 
 class ConfigError(ValueError):

@@ -45,6 +45,9 @@ class WorkerMetrics:
                                            registry=r)
         self.restores = Counter("gpusentry_worker_restores", "Partition checkpoints restored.", registry=r)
         self.feedback = Gauge("gpusentry_worker_suppressions_active", "Analyst suppressions in force.", registry=r)
+        self.feedback_rejected = Counter("gpusentry_worker_feedback_rejected",
+                                         "Analyst verdicts refused, by reason (unsigned, unknown_key, bad_signature, "
+                                         "bad_feedback, superseded).", ["reason"], registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 
 from gpusentry.config import Config
 from streams.app import WorkerApp, build_app
-from streams.feedback import FeedbackError, parse_feedback
+from streams.feedback import FeedbackError, Verifier, parse_feedback
 from streams.kafka_io import checkpoint_topic, follow_feedback
 from streams.pipeline import DeadLetterReason
 
@@ -47,7 +47,10 @@ def ensure_topics(cfg: Config, *, create: bool) -> int:
     if missing and not create:
         raise TopicsMissing(f"topics missing: {', '.join(missing)}; create them, or run "
                             "`gpusentry worker --create-topics` once")
-    wanted += [NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=-1) for t in missing]
+    # The feedback topic is the audit record of every verdict: kept for ever, never compacted away.
+    audit = {"retention.ms": "-1", "cleanup.policy": "delete"}
+    wanted += [NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=-1,
+                        config=audit if t == cfg.topics.feedback else {}) for t in missing]
     counts = {len(existing[t].partitions) for t in cfg.topics.event_topics().values() if t in existing}
     if len(counts) > 1:
         raise TopicsMissing("the four event topics must have the same number of partitions (a host's events "
@@ -77,6 +80,7 @@ class PipelineService(mode.Service):
     def __init__(self, wa: WorkerApp, **kwargs: Any) -> None:
         self.wa = wa
         self._stop_feedback = asyncio.Event()
+        self.verifier = Verifier.from_settings(wa.cfg.feedback)
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
@@ -86,6 +90,9 @@ class PipelineService(mode.Service):
             self.wa.metrics.serve(w.metrics_port, w.metrics_host)
             log.info("metrics on http://%s:%d/metrics", w.metrics_host, w.metrics_port)
         caught_up = asyncio.Event()
+        if self.verifier.require_signature and not self.verifier.keys:
+            log.warning("[feedback] trusted_keys is empty: every analyst verdict will be refused; add each "
+                        "analyst's public key (gpusentry feedback keygen prints it)")
         partitions = await self.wa.clients.partitions(self.wa.cfg.topics.feedback)
         self.add_future(follow_feedback(self.wa.cfg, self._on_feedback, self._stop_feedback, caught_up, partitions))
         # Nothing is published before the suppressions already on the feedback topic are known.
@@ -99,16 +106,24 @@ class PipelineService(mode.Service):
 
     async def _on_feedback(self, value: bytes | None, partition: int, offset: int) -> None:
         try:
-            verdict, suppression = parse_feedback(value)
+            verdict, suppression = parse_feedback(value, self.verifier)
         except FeedbackError as exc:
-            await self.wa.pipeline.dead_letter(DeadLetterReason.BAD_FEEDBACK, str(exc),
+            self.wa.metrics.feedback_rejected.labels(exc.reason).inc()
+            log.warning("feedback at %s[%d]@%d refused (%s): %s", self.wa.cfg.topics.feedback, partition, offset,
+                        exc.reason, exc)
+            await self.wa.pipeline.dead_letter(DeadLetterReason.BAD_FEEDBACK, f"{exc.reason}: {exc}",
                                                topic=self.wa.cfg.topics.feedback, partition=partition,
                                                offset=offset, key=None,
                                                original=value.decode("utf-8", "replace")[:65536] if value else None)
             return
-        self.wa.suppressions.apply(verdict, suppression)
+        if not self.wa.suppressions.apply(verdict, suppression):
+            self.wa.metrics.feedback_rejected.labels("superseded").inc()
+            log.warning("feedback at %s[%d]@%d ignored: a newer verdict for the same scope is in force",
+                        self.wa.cfg.topics.feedback, partition, offset)
+            return
         self.wa.metrics.feedback.set(len(self.wa.suppressions))
-        log.info("feedback: %s %s (expires %s)", verdict, dict(suppression.scope), suppression.expires)
+        log.info("feedback: %s %s by %s (key %s, expires %s)", verdict, dict(suppression.scope),
+                 suppression.analyst or "?", suppression.signed_by, suppression.expires)
 
     async def on_stop(self) -> None:
         self._stop_feedback.set()

@@ -15,7 +15,7 @@ from detectors.base import Detector, Signal
 from detectors.engine import Engine, discover
 from gpusentry import contract as c
 from gpusentry.contract import Dataset
-from streams.feedback import FeedbackError, Suppressions, feedback_message, parse_feedback
+from streams.feedback import FeedbackError, Suppressions, Verifier, feedback_message, parse_feedback
 from streams.pipeline import Pipeline, Topics
 from tests.streams_helpers import T0, benign_start, miner_start
 
@@ -184,19 +184,24 @@ def test_bad_messages_and_failing_detectors_are_dead_lettered_and_processing_goe
     assert p.metrics.deadletters.labels("detector_failed")._value.get() == 1
 
 
+# Scope and expiry rules; signatures are tested in test_feedback.py.
+UNSIGNED_OK = Verifier({}, require_signature=False)
+
+
 def test_feedback_scopes_and_expiry():
     supp = Suppressions()
     supp.apply(*parse_feedback(feedback_message(host=HOST, rule="process.miner_binary",
-                                                expires="2026-09-21T15:00:00Z")))
+                                                expires="2026-09-21T15:00:00Z"), UNSIGNED_OK))
     alert = {"@timestamp": "x", "host": {"name": HOST}, "rule": {"id": "gpusentry.incident"},
              "gpusentry": {"alert": {"rules": ["process.miner_binary"], "dedup_key": "k"}}}
     assert supp.matching(alert, T0) is not None
     assert supp.matching(alert, T0 + 3600) is None  # expired by event time
     assert supp.matching({**alert, "host": {"name": "elsewhere"}}, T0) is None
     assert supp.matching({**alert, "gpusentry": {"alert": {"rules": ["gpu.mining_signature"]}}}, T0) is None
-    supp.apply(*parse_feedback(feedback_message(verdict="revoke", host=HOST, rule="process.miner_binary")))
+    supp.apply(*parse_feedback(feedback_message(verdict="revoke", host=HOST, rule="process.miner_binary"),
+                               UNSIGNED_OK))
     assert len(supp) == 0
-    supp.apply(*parse_feedback(feedback_message(executable="/opt/audit/hashcat")))
+    supp.apply(*parse_feedback(feedback_message(executable="/opt/audit/hashcat"), UNSIGNED_OK))
     assert supp.matching({**alert, "process": {"executable": "/opt/audit/hashcat"}}, T0) is not None
     assert supp.matching(alert, T0) is None
 
@@ -210,12 +215,12 @@ def test_feedback_scopes_and_expiry():
 ])
 def test_bad_feedback_says_what_is_expected(value, fix):
     with pytest.raises(FeedbackError, match=fix):
-        parse_feedback(value)
+        parse_feedback(value, UNSIGNED_OK)
 
 
 def test_suppressed_updates_are_not_published():
     supp = Suppressions()
-    supp.apply(*parse_feedback(feedback_message(host=HOST)))
+    supp.apply(*parse_feedback(feedback_message(host=HOST), UNSIGNED_OK))
 
     async def go() -> tuple[FakeIO, Pipeline]:
         io = FakeIO()

@@ -12,7 +12,7 @@ from agents.agent import Agent
 from detectors.gpu._examples import mining
 from gpusentry.config import load_config
 from gpusentry.timefmt import format_timestamp, parse_timestamp
-from streams.feedback import feedback_message
+from streams.feedback import feedback_message, generate_key, load_signing_key
 from tests.fakes.fake_pynvml import FakeGpu, FakeNvml, FakeProcess
 from tests.streams_helpers import (
     WorkerProcess,
@@ -51,13 +51,26 @@ def _signature_alert(alert: dict) -> bool:
 
 def test_agent_to_alerts_end_to_end_with_dead_letters_and_suppression(bootstrap, tmp_path):
     env = topic_env(bootstrap, "e2e", partitions=2)
+    # The SOC's signing key: the worker trusts only its public half.
+    pem, public = generate_key()
+    (tmp_path / "soc.pem").write_bytes(pem)
+    soc_key = load_signing_key(tmp_path / "soc.pem")
+    env["GPUSENTRY_FEEDBACK__TRUSTED_KEYS"] = f'{{"soc-test" = "{public}"}}'
     worker = WorkerProcess(env, "e2e").start()
     try:
         p = producer(bootstrap)
         start = time.time() - 300  # event time five minutes ago, so event.created (wall time) is later
         # An analyst has already marked mining-like load on the audit host benign, until next week.
         produce(p, env["GPUSENTRY_TOPICS__FEEDBACK"], None, feedback_message(
-            host=QUIET, expires=format_timestamp(time.time() + 7 * 86400), reason="hashcat audit", analyst="sec"))
+            soc_key, "soc-test", host=QUIET, expires=format_timestamp(time.time() + 7 * 86400),
+            reason="hashcat audit", analyst="sec"))
+        # The compromised node holds Kafka credentials and tries to silence itself: unsigned, then signed
+        # with a key of its own. Both are refused.
+        produce(p, env["GPUSENTRY_TOPICS__FEEDBACK"], None, feedback_message(host=HOST, reason="nothing to see"))
+        rogue_pem, _ = generate_key()
+        (tmp_path / "rogue.pem").write_bytes(rogue_pem)
+        produce(p, env["GPUSENTRY_TOPICS__FEEDBACK"], None, feedback_message(
+            load_signing_key(tmp_path / "rogue.pem"), "soc-test", host=HOST, reason="nothing to see"))
         # The host agent, with a fake NVML showing a miner, one cycle per 10 s of event time.
         cfg = load_config(None, environ={**env, "GPUSENTRY_AGENT__HOST_NAME": HOST,
                                          "GPUSENTRY_AGENT__COLLECTORS": '["gpu"]',
@@ -111,8 +124,12 @@ def test_agent_to_alerts_end_to_end_with_dead_letters_and_suppression(bootstrap,
         assert not [x for x in alerts if x["host"]["name"] == QUIET]
         assert worker.metric("gpusentry_worker_alerts_suppressed_total") >= 1
 
-        letters = [m["value"] for m in read_topic(bootstrap, env["GPUSENTRY_TOPICS__DEADLETTER"],
-                                                   until=lambda m: len(m) >= 5, timeout=30, settle=1.0)]
+        everything = [m["value"] for m in read_topic(bootstrap, env["GPUSENTRY_TOPICS__DEADLETTER"],
+                                                      until=lambda m: len(m) >= 7, timeout=30, settle=1.0)]
+        refused = [d for d in everything if d["event"]["reason"] == "bad_feedback"]
+        assert sorted(d["error"]["message"].split(":")[0] for d in refused) == ["bad_signature", "unsigned"], refused
+        assert worker.metric("gpusentry_worker_feedback_rejected_total", reason="unsigned") == 1
+        letters = [d for d in everything if d not in refused]
         reasons = sorted(d["event"]["reason"] for d in letters)
         assert reasons == ["missing_field", "not_json", "not_json", "oversize", "wrong_type"], letters
         for d in letters:
@@ -126,7 +143,7 @@ def test_agent_to_alerts_end_to_end_with_dead_letters_and_suppression(bootstrap,
         # The bad event of the last batch is named by its position; its good neighbour was processed.
         assert next(d for d in letters if d["event"]["reason"] == "missing_field")["gpusentry"]["deadletter"][
             "index"] == 1
-        assert worker.metric("gpusentry_worker_deadletters_total") == 5
+        assert worker.metric("gpusentry_worker_deadletters_total") == 7
         assert worker.metric("gpusentry_worker_events_total", topic=gpu_topic) >= 18 + 18 + 1
         assert worker.metric("gpusentry_worker_alerts_total", rule="gpu.mining_signature") >= 1
         deadline = time.monotonic() + 10
