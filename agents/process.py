@@ -142,6 +142,9 @@ class ProcessCollector:
         self._lock = threading.Lock()
         self._pending: list[dict[str, Any]] = []
         self._forked: dict[int, tuple[ProcessInfo | None, float]] = {}
+        # pid -> its parent when it was forked: a detached process (setsid, nohup, double fork) is re-parented
+        # to init before it is read, but its lineage (who started it) is the fork's parent.
+        self._fork_parent: dict[int, int] = {}
         self._resync = False
         self._connector: ProcConnector | None = None
         self._self_test_pid: int | None = None
@@ -197,6 +200,10 @@ class ProcessCollector:
         info = self.procfs.process(pid)
         with self._lock:
             self._forked[pid] = (info, time.time())
+            self._fork_parent[pid] = ppid
+            if len(self._fork_parent) > 65536:  # exits the kernel dropped: keep the processes still known
+                self._fork_parent = {p: pp for p, pp in self._fork_parent.items()
+                                     if p in self.known or p in self._forked}
 
     def _on_exec(self, pid: int) -> None:
         if self._self_test_pending:
@@ -210,8 +217,12 @@ class ProcessCollector:
                 self.metrics.processes_vanished.inc()
                 info = self._vanished(pid)
             elif self._is_kernel_thread(info):
+                self._fork_parent.pop(pid, None)
                 return
             old = self.known.get(pid)
+            creator = self._fork_parent.get(pid) or (old.ppid if old is not None else None)
+            if creator and info.ppid in (None, 1) and creator != 1:
+                info.ppid = creator  # re-parented to init (detached): keep who started it
             if old is not None and old.start_time == info.start_time:
                 # exec() replaces the program of a known process: report the old one ended.
                 self._pending.append(self._event("end", old, now))
@@ -222,6 +233,7 @@ class ProcessCollector:
         now = time.time()
         with self._lock:
             forked = self._forked.pop(pid, None)
+            self._fork_parent.pop(pid, None)
             info = self.known.pop(pid, None)
             if info is None and forked is not None:
                 # Forked and exited without exec within one cycle: still a process that ran.

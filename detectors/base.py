@@ -33,6 +33,8 @@ class Signal:
     GPU_SIGNATURE = "gpu_signature"  # a GPU behaving like a miner
     GPU_ANOMALY = "gpu_anomaly"  # a GPU behaving unlike its own normal
     GPU_UNOWNED = "gpu_unowned"  # GPU work that no known job or allowed service owns
+    TUNNEL = "tunnel"  # remote access out of the host: SSH forwards, tunnel tools, reverse shells
+    PROBING = "probing"  # reaching into the network: sweeps, control-plane ports, scanners, metadata services
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +55,19 @@ class Finding:
 
 @dataclass(frozen=True)
 class Example:
-    """A named example: run ``events`` through a fresh detector; ``hit`` says whether it must raise."""
+    """A named example: run ``events`` through a fresh detector; ``hit`` says whether it must raise.
+
+    ``settings`` is a ``[detection]`` table the example runs under (a site's bastion, say), for behaviour
+    that depends on configuration; empty means the defaults."""
 
     name: str
     hit: bool
     events: list[dict[str, Any]]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def detector(self, cls: type[Detector]) -> Detector:
+        """A fresh detector of ``cls`` configured for this example."""
+        return cls(DetectionSettings.model_validate(dict(self.settings))) if self.settings else cls()
 
 
 class Detector:

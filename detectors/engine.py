@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Subpackages of ``detectors`` that hold one detector per module.
-DETECTOR_PACKAGES = ("detectors.process", "detectors.network", "detectors.gpu")
+DETECTOR_PACKAGES = ("detectors.process", "detectors.network", "detectors.gpu", "detectors.sandbox")
 
 
 def discover() -> list[type[Detector]]:

@@ -96,6 +96,11 @@ class Decoded:
 _MISSING = object()
 
 
+def as_dict(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one (optional objects of hostile input)."""
+    return value if isinstance(value, dict) else {}
+
+
 def get(event: Mapping[str, Any], path: str, default: Any = None) -> Any:
     """Read a dotted ECS path (``"gpu.utilization.gpu_pct"``) from a nested event."""
     return _get_parts(event, path.split("."), default)

@@ -45,7 +45,7 @@ def test_metadata(cls):
     assert cls.id and "." in cls.id, "ids are namespaced, e.g. process.miner_flags"
     assert cls.title and cls.description and len(cls.description) > 20
     assert cls.severity in SEVERITIES
-    assert cls.technique in ("T1496", "T1496.001")
+    assert cls.technique in ("T1496", "T1496.001"), "incidents are Resource Hijacking; related ATT&CK in references"
     assert isinstance(cls.references, tuple)
     assert cls.datasets and all(isinstance(d, Dataset) for d in cls.datasets)
     assert cls.signal in SIGNALS
@@ -60,7 +60,7 @@ EXAMPLES = [(cls, ex) for cls in DETECTORS for ex in cls.examples]
 
 @pytest.mark.parametrize(("cls", "example"), EXAMPLES, ids=[f"{c.id}:{e.name}" for c, e in EXAMPLES])
 def test_example(cls, example):
-    findings, _ = run(cls(), example.events)
+    findings, _ = run(example.detector(cls), example.events)
     assert bool(findings) == example.hit, [f.message for f in findings]
     for f in findings:
         assert f.rule_id == cls.id and f.severity in SEVERITIES and f.message
@@ -71,7 +71,7 @@ def test_example(cls, example):
 def test_state_pickle_round_trip_mid_stream(cls, example):
     events = example.events
     half = max(1, len(events) // 2)
-    det = cls()
+    det = example.detector(cls)
     _, state = run(det, events[:half])
     clone = pickle.loads(pickle.dumps(state))
     rest_a, _ = run(det, events[half:], state)
@@ -85,7 +85,7 @@ def _nullable_and_optional(dataset: Dataset):
 
 @pytest.mark.parametrize(("cls", "example"), EXAMPLES, ids=[f"{c.id}:{e.name}" for c, e in EXAMPLES])
 def test_null_and_missing_fields_never_raise(cls, example):
-    det = cls()
+    det = example.detector(cls)
     for ev in example.events:
         dataset = Dataset(ev["event"]["dataset"])
         for spec in _nullable_and_optional(dataset):

@@ -71,6 +71,11 @@ def _script_of(args: list[str]) -> str | None:
     return None
 
 
+def script_of(args: list[str]) -> str | None:
+    """The script of ``sh -c SCRIPT`` (also ``bash -lc``), else None."""
+    return _script_of(args)
+
+
 def segments(args: list[str], depth: int = 0) -> list[list[str]]:
     """Simple commands this process runs: itself, or each command of its ``-c`` script."""
     script = _script_of(args)

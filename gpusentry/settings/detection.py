@@ -9,6 +9,7 @@ from pydantic import Field
 from gpusentry.settings.base import Section
 from gpusentry.settings.gpu_detection import GpuDetectionSettings
 from gpusentry.settings.pools import PoolSettings
+from gpusentry.settings.sandboxes import NetworkDetectionSettings, SandboxSettings
 
 
 class PricingSettings(Section):
@@ -37,3 +38,7 @@ class DetectionSettings(Section):
                                       description="GPU behaviour models, mining signature and GPU ownership.")
     pools: PoolSettings = Field(default_factory=PoolSettings,
                                 description="Mining-pool intelligence: the pool list and how it matches.")
+    sandboxes: SandboxSettings = Field(default_factory=SandboxSettings,
+                                       description="Agent sandboxes: what else counts as one on this site.")
+    network: NetworkDetectionSettings = Field(default_factory=NetworkDetectionSettings,
+                                              description="Tunnels, internal probing and metadata-service reads.")
