@@ -74,6 +74,10 @@ class Incident:
     # Event time an implicated process was last seen running on a GPU: a miner found once, at its start,
     # keeps its incident open for as long as it runs.
     last_seen_running_at: float = 0.0
+    # Recurrence: an episode that opens within detection.recurrence_horizon_s of the last one's end continues
+    # its incident (same dedup key); first_opened_at is when the first episode opened.
+    episode: int = 1
+    first_opened_at: float = 0.0
 
     @property
     def last_active_at(self) -> float:
@@ -93,6 +97,8 @@ class HostIncidents:
 
     current: Incident | None = None
     gpu_names: dict[str, str] = field(default_factory=dict)
+    # The last resolved incident: (dedup key, last activity, episodes, first opened), for recurrence.
+    previous: tuple[str, float, int, float] | None = None
 
 
 def incident_severity(signal_severity: Mapping[str, str]) -> str:
@@ -141,16 +147,26 @@ class Correlator:
         if not findings:
             return alerts
         if inc is None:
-            first = min(findings, key=lambda f: f.event_id)
-            key = hashlib.sha256(f"{host}|{first.event_id}".encode()).hexdigest()[:16]
-            inc = state.current = Incident(dedup_key=f"gpusentry-{host}-{key}"[:255], opened_at=ts,
-                                           last_evidence_at=ts)
+            inc = state.current = self._open(host, findings, ts, state)
         self._add(inc, findings, ts)
         if is_gpu:
             self._account(inc, event, ts, state)
         if self._should_publish(inc, ts):
             alerts.append(self._alert(host, inc, ts, "open", state))
         return alerts
+
+    def _open(self, host: str, findings: list[Finding], ts: float, state: HostIncidents) -> Incident:
+        prev = state.previous
+        if prev is not None and 0 <= ts - prev[1] <= self.settings.recurrence_horizon_s:
+            # The same host again soon after: an agent's violations come and go across episodes, and each
+            # episode is an update of one incident history, not a new page.
+            key, _, episodes, first_opened = prev
+            return Incident(dedup_key=key, opened_at=ts, last_evidence_at=ts, episode=episodes + 1,
+                            first_opened_at=first_opened)
+        first = min(findings, key=lambda f: f.event_id)
+        digest = hashlib.sha256(f"{host}|{first.event_id}".encode()).hexdigest()[:16]
+        return Incident(dedup_key=f"gpusentry-{host}-{digest}"[:255], opened_at=ts, last_evidence_at=ts,
+                        first_opened_at=ts)
 
     def expire(self, host: str, watermark: float, state: HostIncidents) -> list[dict[str, Any]]:
         """Resolve the host's incident if ``watermark`` (event time) is past its quiet period."""
@@ -161,6 +177,8 @@ class Correlator:
 
     def _resolve(self, host: str, inc: Incident, ts: float, state: HostIncidents) -> list[dict[str, Any]]:
         state.current = None
+        if inc.published_severity is not None:  # only what was published has a history to continue
+            state.previous = (inc.dedup_key, inc.last_active_at, inc.episode, inc.first_opened_at or inc.opened_at)
         if inc.published_severity is None:
             return []  # never published (below min_alert_severity): nothing to close downstream
         return [self._alert(host, inc, ts, "resolved", state)]
@@ -284,6 +302,8 @@ class Correlator:
             "gpusentry.alert.evidence": inc.evidence,
             "gpusentry.alert.evidence_count": inc.evidence_count,
             "gpusentry.alert.last_evidence": format_timestamp(inc.last_evidence_at),
+            "gpusentry.alert.episode": inc.episode,
+            "gpusentry.alert.first_opened": format_timestamp(inc.first_opened_at or inc.opened_at),
             "gpusentry.alert.cost.gpu_seconds": round(inc.gpu_seconds, 3),
             "gpusentry.alert.cost.energy_kwh": round(inc.energy_kwh, 6),
             "gpusentry.alert.cost.usd": round(inc.usd, 4),

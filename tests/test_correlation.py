@@ -19,6 +19,7 @@ from detectors.process.miner_flags import MinerFlags
 from detectors.process.staging_path import StagingPath
 from gpusentry import contract as c
 from gpusentry.settings.detection import DetectionSettings
+from gpusentry.timefmt import format_timestamp
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBSCRIBE = b'{"id": 1, "method": "mining.subscribe", "params": ["xmrig/6.21"]}\n'
@@ -137,7 +138,7 @@ def test_lone_weak_signal_stays_low_and_below_threshold_is_not_published():
     assert quiet == []
 
 
-def test_escalation_publishes_at_once_and_new_incident_after_resolution():
+def test_escalation_publishes_at_once_and_recurrence_continues_the_incident():
     eng = engine()
     first = run(eng, [proc("/tmp/build/tool --fast", t=0)])
     more = run(eng, [flow(SUBSCRIBE, t=10)])
@@ -145,8 +146,24 @@ def test_escalation_publishes_at_once_and_new_incident_after_resolution():
     assert first[0]["gpusentry"]["alert"]["dedup_key"] == more[0]["gpusentry"]["alert"]["dedup_key"]
     resolved = eng.expire(T0 + 10 + 601)
     assert [a["gpusentry"]["alert"]["status"] for a in resolved] == ["resolved"]
+    # Within the recurrence horizon the next episode continues the incident: one history, its own start.
     again = run(eng, [flow(SUBSCRIBE, t=2000)])
-    assert again and again[0]["gpusentry"]["alert"]["dedup_key"] != first[0]["gpusentry"]["alert"]["dedup_key"]
+    a = again[0]["gpusentry"]["alert"]
+    assert a["dedup_key"] == first[0]["gpusentry"]["alert"]["dedup_key"] and a["episode"] == 2
+    assert again[0]["event"]["start"] == format_timestamp(T0 + 2000)
+    assert a["first_opened"] == first[0]["event"]["start"]
+    eng.expire(T0 + 2000 + 601)
+    later = run(eng, [flow(SUBSCRIBE, t=2000 + 601 + 86400 + 1)])  # past the horizon: a new incident
+    assert later[0]["gpusentry"]["alert"]["dedup_key"] != first[0]["gpusentry"]["alert"]["dedup_key"]
+    assert later[0]["gpusentry"]["alert"]["episode"] == 1
+
+
+def test_recurrence_can_be_switched_off():
+    eng = engine(DetectionSettings(recurrence_horizon_s=0))
+    first = run(eng, [flow(SUBSCRIBE, t=0)])
+    eng.expire(T0 + 601)
+    again = run(eng, [flow(SUBSCRIBE, t=700)])
+    assert again[0]["gpusentry"]["alert"]["dedup_key"] != first[0]["gpusentry"]["alert"]["dedup_key"]
 
 
 def test_snapshot_and_restore_mid_incident_give_the_same_alerts():

@@ -32,6 +32,9 @@ class DetectionSettings(Section):
     update_interval_s: float = Field(
         300.0, ge=0, description="At most one 'more evidence' update per incident per this many seconds; "
         "severity changes are published at once.")
+    recurrence_horizon_s: float = Field(
+        86400.0, ge=0, description="An incident that opens on a host within this many seconds (event time) of "
+        "its last resolved one continues it: same dedup key, the next `gpusentry.alert.episode` (0: never).")
     max_evidence: int = Field(50, ge=1, le=1000, description="Evidence entries kept per incident (first and latest).")
     pricing: PricingSettings = Field(default_factory=PricingSettings, description="Cost of stolen GPU time.")
     gpu: GpuDetectionSettings = Field(default_factory=GpuDetectionSettings,
