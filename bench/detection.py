@@ -34,6 +34,9 @@ from gpusentry.simulate import SCENARIOS  # noqa: E402
 from gpusentry.simulate.evaluate import HostResult, median, run_scenarios, summarise  # noqa: E402
 
 START = 1_793_491_200.0  # 2026-11-01T00:00:00Z
+GROUP_TITLES = {"fleet": "GPU fleet: classic hijacks and their look-alikes",
+                "agentic": "agentic RL cluster: sandboxes beside the trainer"}
+AGENTIC_TTD_S = 60.0
 
 
 def fmt_s(v: float | None) -> str:
@@ -62,15 +65,18 @@ def totals(results: list[HostResult]) -> dict[str, float | int | None]:
 
 
 def print_table(results: list[HostResult]) -> None:
-    head = (f"{'scenario':16} {'label':6} {'hosts':>5} | {'detected':>8} {'median':>7} {'worst':>7} {'max sev':>8} "
+    head = (f"{'scenario':20} {'label':6} {'hosts':>5} | {'detected':>8} {'median':>7} {'worst':>7} {'max sev':>8} "
             f"{'false':>5} {'low':>4} | {'util':>5} {'ttd':>6} {'false':>5} | {'falco':>5} {'ttd':>6} {'false':>5}")
-    print(f"{'':30} | {'gpusentry':^50} | {'util>=90%/10min':^19} | {'Falco-style':^19}")
+    print(f"{'':34} | {'gpusentry':^50} | {'util>=90%/10min':^19} | {'Falco-style':^19}")
     print(head)
-    print("-" * len(head))
+    group = None
     for s in summarise(results):
+        if SCENARIOS[s.scenario].group != group:
+            group = SCENARIOS[s.scenario].group
+            print("-" * len(head) + f"\n{GROUP_TITLES.get(group, group)}")
         hij = s.label == "hijack"
         det = f"{s.detected}/{s.hosts}" if hij else "-"
-        print(f"{s.scenario:16} {s.label:6} {s.hosts:>5} | {det:>8} {fmt_s(median(s.ttd)):>7} "
+        print(f"{s.scenario:20} {s.label:6} {s.hosts:>5} | {det:>8} {fmt_s(median(s.ttd)):>7} "
               f"{fmt_s(max(s.ttd) if s.ttd else None):>7} {s.max_severity:>8} {s.false_alerts:>5} {s.low_alerts:>4} | "
               f"{(f'{s.util_detected}/{s.hosts}' if hij else '-'):>5} {fmt_s(median(s.util_ttd)):>6} "
               f"{s.util_false:>5} | {(f'{s.falco_detected}/{s.hosts}' if hij else '-'):>5} "
@@ -119,8 +125,16 @@ def main() -> int:
               f"{f'{false} ({hosts})':>21}")
     print(f"(low-severity notes on benign hosts, not paged: {t['low_alerts']})")
 
+    agentic = [r for r in full if SCENARIOS[r.label.scenario].group == "agentic"]
+    a = totals(agentic)
+    if agentic:
+        print(f"agentic rows: {a['detected']}/{a['hijack_hosts']} attacks at high or critical, worst TTD "
+              f"{fmt_s(a['worst_ttd'])}, {a['false_alerts']} medium+ alerts on {a['benign_hosts']} benign hosts")
     checks = {
         "every hijack detected at high or critical": t["detected"] == t["hijack_hosts"],
+        "every agentic attack at high or critical within 60 s":
+            not agentic or (a["detected"] == a["hijack_hosts"] and (a["worst_ttd"] or 0) <= AGENTIC_TTD_S),
+        "no medium+ alert on an agentic benign look-alike": not agentic or a["false_alerts"] == 0,
         "no medium+ alert on benign hosts": t["false_alerts"] == 0,
         "median time to detect <= 30 s": t["median_ttd"] is not None and t["median_ttd"] <= 30,
         "worst time to detect <= 5 min": t["worst_ttd"] is not None and t["worst_ttd"] <= 300,

@@ -80,10 +80,11 @@ class HostSim:
 
     def spawn(self, t: float, command_line: str, *, parent: int | None = None, user: str = "ml",
               cwd: str | None = None, executable: str | None = None, name: str | None = None,
-              container: str | None = None, pid: int | None = None) -> GpuProgram:
-        """A process start; returns the program (for a workload's NVML process entry)."""
+              container: str | None = None, pid: int | None = None, args: list[str] | None = None) -> GpuProgram:
+        """A process start; returns the program (for a workload's NVML process entry).  ``args``: the argument
+        vector when it is not the command line split on spaces (a quoted ``bash -lc '...'`` script)."""
         pid = pid or self.new_pid()
-        args = command_line.split()
+        args = args or command_line.split()
         exe = executable or args[0]
         comm = (name or exe.rsplit("/", 1)[-1])[:15]
         parent_info = self.processes.get(parent) if parent else None

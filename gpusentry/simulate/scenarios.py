@@ -44,6 +44,7 @@ class Scenario:
     description: str
     build: Callable[[HostSim], float | None]
     evidence: str = ""  # what a detector can see (hijacks): gpu, process, network
+    group: str = "fleet"  # fleet (classic hijacks and their look-alikes) | agentic (agent sandboxes on RL clusters)
 
 
 def _wallet(rng: random.Random, prefix: str = "4", length: int = 95) -> str:
@@ -376,3 +377,29 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("container", HIJACK, "a renamed miner in a container started by containerd", container,
              "gpu, process, network"),
 )}
+
+from gpusentry.simulate import agentic as _a  # noqa: E402  (it builds on the pieces above)
+
+AGENTIC = "agentic"
+SCENARIOS.update({s.name: s for s in (
+    Scenario("agent-ordinary", BENIGN, "agent sandboxes at ordinary work (pip, git, pytest, curl, grep -r xmrig, "
+             "ssh -V) beside the trainer; a notebook pulls a model", _a.agent_ordinary, group=AGENTIC),
+    Scenario("sandbox-cuda-tests", BENIGN, "a sandbox runs a CUDA test suite on a spare GPU", _a.sandbox_cuda_tests,
+             group=AGENTIC),
+    Scenario("ops-tunnels", BENIGN, "bastion port forwards, autossh local forwards and ProxyJump by ops users",
+             _a.ops_tunnels, group=AGENTIC),
+    Scenario("prometheus-scrape", BENIGN, "Prometheus scraping fifty exporters every 30 s", _a.prometheus_scrape,
+             group=AGENTIC),
+    Scenario("inventory-nmap", BENIGN, "an inventory nmap -sn from cron by a service account", _a.inventory_nmap,
+             group=AGENTIC),
+    Scenario("agent-tunnel", HIJACK, "an agent's tool call opens a reverse SSH tunnel to an outside address",
+             _a.agent_tunnel, "process, network", AGENTIC),
+    Scenario("agent-probe", HIJACK, "an agent sweeps internal hosts and control-plane ports and reads metadata "
+             "credentials", _a.agent_probe, "network", AGENTIC),
+    Scenario("agent-gpu-miner", HIJACK, "an agent's detached Python program shares the trainer's GPU with mining, "
+             "on and off", _a.agent_gpu_miner, "gpu, process", AGENTIC),
+    Scenario("agent-combined", HIJACK, "tunnel out, probe in, mine on the trainer's GPU, from one sandbox",
+             _a.agent_combined, "gpu, process, network", AGENTIC),
+    Scenario("agent-intermittent", HIJACK, "short reverse tunnels that recur across episodes", _a.agent_intermittent,
+             "process, network", AGENTIC),
+)})
