@@ -19,7 +19,7 @@ from agents.gpu import GpuCollector
 from agents.metrics import AgentMetrics
 from agents.network import NetworkCollector
 from agents.process import ProcessCollector
-from agents.procfs import ExecutableHasher, ProcFS
+from agents.procfs import ContainerNames, ExecutableHasher, ProcFS
 from agents.sinks import JsonlSink, KafkaSink, Sink, StdoutSink
 from agents.spool import Spool
 from gpusentry.config import Config
@@ -69,7 +69,8 @@ class Agent:
         if "process" in s.collectors:
             hasher = ExecutableHasher(s.hash_max_bytes) if s.hash_executables else None
             out.append(ProcessCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
-                                        source=s.process_source, hasher=hasher))
+                                        source=s.process_source, hasher=hasher,
+                                        containers=ContainerNames(s.docker_root)))
         if "network" in s.collectors:
             out.append(NetworkCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
                                         capture=s.capture, payload_bytes=s.payload_bytes,

@@ -179,7 +179,8 @@ class NetworkCollector:
             process_name=info.name if info else None, executable=info.executable if info else None,
             destination_domain=cap.name_of(e.remote_ip) if cap is not None else None,
             server_name=first.server_name if first is not None else None,
-            payload_b64=first.payload_b64 if first is not None else None)
+            payload_b64=first.payload_b64 if first is not None else None,
+            state=("syn_sent" if e.state == TCP_SYN_SENT else "established") if e.transport == "tcp" else None)
 
     def _dns_events(self, cap: PacketCapture) -> list[dict[str, Any]]:
         answers = cap.drain_answers()

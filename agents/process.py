@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from agents.metrics import AgentMetrics
-from agents.procfs import ExecutableHasher, ProcessInfo, ProcFS, name_this_thread
+from agents.procfs import ContainerNames, ExecutableHasher, ProcessInfo, ProcFS, name_this_thread
 from gpusentry.contract import process_event
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,10 @@ class ProcessCollector:
     name = "process"
 
     def __init__(self, host_name: str, *, procfs: ProcFS | None = None, metrics: AgentMetrics | None = None,
-                 source: str = "auto", hasher: ExecutableHasher | None = None) -> None:
+                 source: str = "auto", hasher: ExecutableHasher | None = None,
+                 containers: ContainerNames | None = None) -> None:
         self.host_name = host_name
+        self.containers = containers or ContainerNames(None)
         self.procfs = procfs or ProcFS()
         self.metrics = metrics or AgentMetrics()
         self.requested = source
@@ -263,11 +265,13 @@ class ProcessCollector:
         sha = None
         if action == "start" and self.hasher is not None:
             sha = self.hasher.sha256(info.pid, info.executable, self.procfs.root)
+        container_name, container_image = self.containers.lookup(info.container_id)
         return process_event(
             self.host_name, now, action=action, pid=info.pid, name=info.name, executable=info.executable,
             command_line=info.command_line, args=info.args, working_directory=info.working_directory,
             start=info.start_time, parent_pid=info.ppid, parent_name=parent_name,
-            user_name=self.procfs.user_name(info.uid), container_id=info.container_id, sha256=sha)
+            user_name=self.procfs.user_name(info.uid), container_id=info.container_id, sha256=sha,
+            container_name=container_name, container_image=container_image)
 
     def _name_of(self, pid: int) -> str | None:
         known = self.known.get(pid)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Container runtimes put the 64-hex container id in the cgroup path: docker-<id>.scope,
 # cri-containerd-<id>.scope, crio-<id>.scope, /docker/<id>, /kubepods/.../<id>, libpod-<id>.scope.
@@ -438,3 +440,34 @@ def name_this_thread(name: str) -> None:
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         return
+
+
+class ContainerNames:
+    """Container id -> (name, image) from Docker's state files, cached (a container's name and image do not
+    change).  Other runtimes keep no such file on the host: their processes carry the id alone."""
+
+    def __init__(self, docker_root: str | None, max_entries: int = 4096) -> None:
+        self.root = docker_root
+        self.max_entries = max_entries
+        self._cache: dict[str, tuple[str | None, str | None]] = {}
+
+    def lookup(self, container_id: str | None) -> tuple[str | None, str | None]:
+        if not container_id or not self.root:
+            return None, None
+        hit = self._cache.get(container_id)
+        if hit is not None:
+            return hit
+        found: tuple[str | None, str | None] = (None, None)
+        try:
+            with open(f"{self.root}/containers/{container_id}/config.v2.json", "rb") as fh:
+                doc = orjson.loads(fh.read(1 << 20))
+            name, image = doc.get("Name"), (doc.get("Config") or {}).get("Image")
+            found = (name.lstrip("/") if isinstance(name, str) and name else None,
+                     image if isinstance(image, str) and image else None)
+        except (OSError, ValueError, AttributeError):
+            found = (None, None)  # not a Docker container, or not readable: the id alone is reported
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()
+        self._cache[container_id] = found
+        return found
+

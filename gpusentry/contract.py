@@ -217,9 +217,9 @@ COMMON_FIELDS: tuple[FieldSpec, ...] = (
     _f("agent.version", _STR, "Version of the agent that wrote the event."),
 )
 
-def _o(path: str, types: tuple[type, ...], doc: str) -> FieldSpec:
+def _o(path: str, types: tuple[type, ...], doc: str, *, choices: Iterable[str] | None = None) -> FieldSpec:
     """An optional field that may also be null."""
-    return _f(path, types, doc, required=False, nullable=True)
+    return _f(path, types, doc, required=False, nullable=True, choices=choices)
 
 
 DATASET_FIELDS: dict[Dataset, tuple[FieldSpec, ...]] = {
@@ -255,6 +255,8 @@ DATASET_FIELDS: dict[Dataset, tuple[FieldSpec, ...]] = {
         _o("process.parent.name", _STR, "Parent process name."),
         _o("user.name", _STR, "User the process runs as."),
         _o("container.id", _STR, "Container id, from the cgroup path."),
+        _o("container.name", _STR, "Container name, where the runtime's state is readable (Docker)."),
+        _o("container.image.name", _STR, "Container image, likewise."),
         _o("process.hash.sha256", _STR, "SHA-256 of the executable (optional)."),
     ),
     Dataset.NETWORK: (
@@ -270,6 +272,9 @@ DATASET_FIELDS: dict[Dataset, tuple[FieldSpec, ...]] = {
         _o("process.executable", _STR, "Owning process executable."),
         _o("tls.client.server_name", _STR, "TLS SNI, when the flow starts with a ClientHello."),
         _o("gpusentry.flow.payload_b64", _STR, "Base64 of the first ≤ 512 bytes the local side sent."),
+        _o("gpusentry.flow.state", _STR, "TCP state when the agent first saw the socket: `established`, or "
+           "`syn_sent` for a connection attempt not (yet) answered (refused and timed-out attempts end here).",
+           choices=["established", "syn_sent"]),
     ),
     Dataset.DNS: (
         _f("dns.question.name", _STR, "Queried name."),
@@ -616,6 +621,7 @@ def process_event(host_name: str, timestamp: float | str, *, action: str, pid: i
                   working_directory: str | None = None, start: float | str | None = None,
                   parent_pid: int | None = None, parent_name: str | None = None, user_name: str | None = None,
                   container_id: str | None = None, sha256: str | None = None,
+                  container_name: str | None = None, container_image: str | None = None,
                   event_id: str | None = None) -> dict[str, Any]:
     """A process ``start`` or ``end`` (``action``)."""
     if action not in ("start", "end"):
@@ -628,6 +634,10 @@ def process_event(host_name: str, timestamp: float | str, *, action: str, pid: i
     }
     if container_id is not None:
         fields["container.id"] = container_id
+    if container_name is not None:
+        fields["container.name"] = container_name
+    if container_image is not None:
+        fields["container.image.name"] = container_image
     if sha256 is not None:
         fields["process.hash.sha256"] = sha256
     return make_event(Dataset.PROCESS, host_name, timestamp, fields, event_id=event_id, event_type=[action])
@@ -637,7 +647,7 @@ def network_event(host_name: str, timestamp: float | str, *, source_ip: str, sou
                   destination_ip: str, destination_port: int, transport: str = "tcp",
                   direction: str = "egress", pid: int | None = None, process_name: str | None = None,
                   executable: str | None = None, destination_domain: str | None = None,
-                  server_name: str | None = None, payload_b64: str | None = None,
+                  server_name: str | None = None, payload_b64: str | None = None, state: str | None = None,
                   event_id: str | None = None) -> dict[str, Any]:
     """A new outbound flow.  Optional fields are left out when unknown, as the contract says."""
     fields: dict[str, Any] = {
@@ -652,6 +662,8 @@ def network_event(host_name: str, timestamp: float | str, *, source_ip: str, sou
         fields["tls.client.server_name"] = server_name
     if payload_b64 is not None:
         fields["gpusentry.flow.payload_b64"] = payload_b64
+    if state is not None:
+        fields["gpusentry.flow.state"] = state
     return make_event(Dataset.NETWORK, host_name, timestamp, fields, event_id=event_id)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -18,7 +20,7 @@ import pytest
 from agents.metrics import AgentMetrics
 from agents.network import NetworkCollector
 from agents.process import NetlinkUnavailable, ProcessCollector
-from agents.procfs import ExecutableHasher, ProcFS, parse_net_table
+from agents.procfs import ContainerNames, ExecutableHasher, ProcFS, parse_net_table
 from gpusentry import contract as c
 
 HOST = "host-under-test"
@@ -398,3 +400,38 @@ def test_netlink_reader_failure_falls_back_to_polling(netlink_collector, workdir
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_detached_process_keeps_the_parent_it_was_forked_from(netlink_collector, tmp_path):
+    """setsid + nohup from a shell that exits at once: the process is re-parented to init (or a subreaper)
+    before it is read, but its event names the shell that started it, so its sandbox lineage holds."""
+    col = netlink_collector
+    col.collect(time.time())
+    pidfile = tmp_path / "pid"
+    shell = subprocess.Popen(["/bin/sh", "-c", f"setsid nohup sleep 3 >/dev/null 2>&1 & echo $! > {pidfile}"])
+    shell.wait()
+    deadline = time.monotonic() + 5
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    detached = int(pidfile.read_text())
+    try:
+        hits, _ = wait_for(col.collect, lambda e: e["process"]["pid"] == detached and e["event"]["type"] == ["start"]
+                           and (e["process"]["args"] or [""])[0] == "sleep")
+        assert hits[-1]["process"]["parent"]["pid"] == shell.pid, hits[-1]["process"]["parent"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(detached, signal.SIGKILL)
+
+
+def test_container_names_come_from_dockers_state_files(tmp_path):
+    cid = "c" * 64
+    (tmp_path / "containers" / cid).mkdir(parents=True)
+    (tmp_path / "containers" / cid / "config.v2.json").write_text(
+        '{"Name": "/sweb.eval.django__django-11099.run1", "Config": {"Image": "swebench/sweb.eval.x86_64.django"}}')
+    names = ContainerNames(str(tmp_path))
+    assert names.lookup(cid) == ("sweb.eval.django__django-11099.run1", "swebench/sweb.eval.x86_64.django")
+    assert names.lookup("d" * 64) == (None, None)  # not Docker's: the id alone
+    (tmp_path / "containers" / cid / "config.v2.json").unlink()
+    assert names.lookup(cid)[0] == "sweb.eval.django__django-11099.run1", "cached: a container keeps its name"
+    assert ContainerNames(None).lookup(cid) == (None, None)

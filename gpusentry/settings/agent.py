@@ -61,6 +61,10 @@ class AgentSettings(Section):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve self-metrics (Prometheus) on this port; unset: off.")
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint (keep it local).")
+    docker_root: str | None = Field(
+        "/var/lib/docker", description="Docker's state directory: container names and images are read from "
+        "`containers/<id>/config.v2.json` for `container.name`/`container.image.name` (sandbox recognition). "
+        "Mount it read-only into the agent's container; unset or unreadable: names are left out.")
     nvml_retry_s: float = Field(
         30.0, gt=0, description="After the NVIDIA driver went away (restart, upgrade), try NVML again this often.")
 
