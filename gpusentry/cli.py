@@ -78,14 +78,20 @@ def version() -> None:
 
 @app.command()
 def up(config: ConfigOption = None,
-       demo: Annotated[bool, typer.Option(help="Also inject a simulated hijack on a simulated host.")] = False) -> None:
+       demo: Annotated[bool, typer.Option(help="Also inject a simulated hijack on a simulated host.")] = False,
+       scenario: Annotated[str, typer.Option(help="The --demo scenario (`gpusentry simulate --list`), e.g. "
+                                             "agent-combined for an agent sandbox's tunnel, probing and GPU miner.")
+                           ] = "miner-blatant") -> None:
     """Run everything on this machine: embedded broker, worker, local agent, live incident view."""
     cfg = setup(config)
     from gpusentry.broker import BrokerUnavailable
+    from gpusentry.simulate import SCENARIOS
     from streams.up import run_up
 
+    if scenario not in SCENARIOS:
+        fail(f"--scenario {scenario!r} is not a scenario; choose one of: {', '.join(SCENARIOS)}", EXIT_USAGE)
     try:
-        code = run_up(cfg, demo=demo, config_path=config, console=Console())
+        code = run_up(cfg, demo=demo, config_path=config, console=Console(), scenario=scenario)
     except BrokerUnavailable as exc:
         fail(str(exc))
     raise typer.Exit(code)

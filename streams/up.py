@@ -142,13 +142,13 @@ def incident_row(alert: dict[str, Any]) -> list[Text]:
             shown(alert.get("message", ""))]
 
 
-def demo_batches(start: float) -> Iterator[tuple[str, float, list[dict[str, Any]]]]:
-    """The simulated hijack as agent-style messages: one per dataset per collection cycle."""
+def demo_batches(start: float, scenario: str = DEMO_SCENARIO) -> Iterator[tuple[str, float, list[dict[str, Any]]]]:
+    """The simulated scenario as agent-style messages: one per dataset per collection cycle."""
     from gpusentry.simulate import generate
 
     batch: list[dict[str, Any]] = []
     key: tuple[str, str] | None = None
-    for event in generate(DEMO_SCENARIO, DEMO_HOST, start, DEMO_HISTORY_S + DEMO_LIVE_S, 5.0, seed=42):
+    for event in generate(scenario, DEMO_HOST, start, DEMO_HISTORY_S + DEMO_LIVE_S, 5.0, seed=42):
         k = (event["event"]["dataset"], event["@timestamp"])
         if key is not None and k != key and batch:
             yield key[0], _ts(batch[0]), batch
@@ -168,9 +168,10 @@ def _ts(event: dict[str, Any]) -> float:
 class Demo(threading.Thread):
     """Publishes the simulated hijack: the first 15 minutes at once, the rest as the clock reaches it."""
 
-    def __init__(self, cfg: Config, bootstrap: str) -> None:
+    def __init__(self, cfg: Config, bootstrap: str, scenario: str = DEMO_SCENARIO) -> None:
         super().__init__(name="gpusentry-demo", daemon=True)
         self.cfg = cfg
+        self.scenario = scenario
         self.bootstrap = bootstrap
         self.stopping = threading.Event()
         self.sent = 0
@@ -184,7 +185,7 @@ class Demo(threading.Thread):
                              "linger.ms": 20, "enable.idempotence": False, "partitioner": "murmur2_random",
                              "log.connection.close": False})
         try:
-            for dataset, ts, batch in demo_batches(time.time() - DEMO_HISTORY_S):
+            for dataset, ts, batch in demo_batches(time.time() - DEMO_HISTORY_S, self.scenario):
                 while ts > time.time() and not self.stopping.is_set():
                     producer.poll(0)
                     self.stopping.wait(min(1.0, ts - time.time()))
@@ -210,7 +211,8 @@ def _alerts_consumer(cfg: Config, bootstrap: str) -> Any:
     return consumer
 
 
-def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Console) -> int:
+def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Console,
+           scenario: str = DEMO_SCENARIO) -> int:
     logs = Path(tempfile.mkdtemp(prefix="gpusentry-up-"))
     broker: EmbeddedBroker | None = None
     children: list[Child] = []
@@ -250,7 +252,7 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
         for child in children:
             child.start()
         if demo:
-            demo_thread = Demo(cfg, bootstrap)
+            demo_thread = Demo(cfg, bootstrap, scenario)
             demo_thread.start()
         view = IncidentView()
         consumer = _alerts_consumer(cfg, bootstrap)
@@ -325,7 +327,7 @@ def _screen(view: IncidentView, broker_note: str, children: list[Child], demo: D
     lines = [("broker", broker_note)] + [(child.name, child.status()) for child in children]
     if demo is not None:
         state = demo.error or ("running" if demo.is_alive() else "done")
-        lines.append(("demo", f"simulated hijack ({DEMO_SCENARIO}) on {DEMO_HOST}: {demo.sent} events, {state}"))
+        lines.append(("demo", f"simulated scenario {demo.scenario} on {DEMO_HOST}: {demo.sent} events, {state}"))
     lines.append(("incidents file", f"{incidents}    logs  {logs}    Ctrl-C stops everything"))
     body = Text("\n").join(Text.assemble((label, "bold"), "  ", value) for label, value in lines)
     return Group(Panel(body, title="gpusentry up"), view.table())

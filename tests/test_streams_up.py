@@ -32,6 +32,23 @@ def test_demo_batches_are_agent_style_messages():
     assert [ts for _, ts, _ in batches] == sorted(ts for _, ts, _ in batches)
 
 
+def test_an_agentic_demo_scenario_reaches_a_critical_incident_in_its_demo_window():
+    from detectors.engine import Engine
+    from gpusentry import contract as c
+
+    engine = Engine(strict=True)
+    alerts = [a for _, _, batch in demo_batches(1_790_000_000.0, "agent-combined") for e in batch
+              for a in engine.process(c.validate_or_raise(e))]
+    assert any(a["gpusentry"]["alert"]["severity"] == "critical" for a in alerts)
+    assert any("sandbox" in a.get("gpusentry", {}) for a in alerts), "the view's incidents name the sandbox"
+
+
+def test_up_refuses_an_unknown_demo_scenario():
+    r = subprocess.run([sys.executable, "-m", "gpusentry.cli", "up", "--demo", "--scenario", "nope"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2 and "agent-combined" in r.stderr
+
+
 def test_incident_view_keeps_the_latest_update_per_incident():
     view = IncidentView()
     for status, n in (("open", 1), ("open", 3), ("resolved", 4)):
