@@ -13,15 +13,13 @@ from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time
 from gpusentry.settings.detection import DetectionSettings
 
-# A GPU counts as the trainer's while a non-sandbox process was computing on it this recently.
-TRAINER_MEMORY_S = 900.0
 REPEAT_S = 300.0
+_PROCESS = Dataset.PROCESS.value
 
 
 @dataclass
 class SandboxGpuState:
     lineage: Lineage
-    owner_seen: dict[str, float] = field(default_factory=dict)  # gpu uuid -> last sample with a non-sandbox process
     reported: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
@@ -31,7 +29,7 @@ class SandboxGpuProcess(Detector):
     description = ("A process that belongs to an agent sandbox (a tool call, or anything it started, however "
                    "detached: nohup, setsid, double fork) appears in a GPU's process list. It is not the training "
                    "job, even when it runs as an allowed interpreter such as /usr/local/bin/python3. High on a GPU "
-                   "a non-sandbox process (the trainer) used in the last 15 minutes; low on a spare GPU (a sandbox "
+                   "a non-sandbox process (the trainer) holds at the same time; low on a spare GPU (a sandbox "
                    "running a CUDA test suite). The finding names the sandbox, the tool call and the chain.")
     severity = "high"
     technique = "T1496.001"
@@ -75,18 +73,15 @@ class SandboxGpuProcess(Detector):
         return SandboxGpuState(shared_lineage(shared))
 
     def process(self, event: dict[str, Any], state: SandboxGpuState) -> Iterable[Finding]:
-        ts = event_time(event)
-        if event["event"]["dataset"] == Dataset.PROCESS.value:
-            state.lineage.observe(event, self.matcher, ts)
+        lineage = state.lineage
+        if event["event"]["dataset"] == _PROCESS:
+            lineage.observe(event, self.matcher, event_time(event))
+            return ()
+        if not lineage.sandboxed:  # GPU samples are most events: nothing to look up until a sandbox started
             return ()
         g = as_dict(event.get("gpu"))
         procs = g.get("processes")
         if not procs or not isinstance(procs, list):
-            return ()
-        uuid = str(g.get("uuid"))
-        lineage = state.lineage
-        if not lineage.sandboxed:  # the common case: no sandbox on this host has started anything
-            state.owner_seen[uuid] = ts
             return ()
         mine, owners = [], False
         for gp in procs:
@@ -94,12 +89,11 @@ class SandboxGpuProcess(Detector):
             if entry is not None and entry.sandbox is not None:
                 mine.append((gp, entry))
             else:
-                owners = True
-        if owners:
-            state.owner_seen[uuid] = ts
+                owners = True  # the trainer (or any non-sandbox job) holds this GPU now
         if not mine:
             return ()
-        shared_gpu = owners or (uuid in state.owner_seen and ts - state.owner_seen[uuid] <= TRAINER_MEMORY_S)
+        ts = event_time(event)
+        uuid = str(g.get("uuid"))
         out = []
         for gp, entry in mine:
             key = (entry.pid, uuid)
@@ -109,13 +103,13 @@ class SandboxGpuProcess(Detector):
             state.reported[key] = ts
             sb = entry.sandbox
             assert sb is not None
-            where = "the trainer's GPU" if shared_gpu else "a spare GPU"
+            where = "the trainer's GPU" if owners else "a spare GPU"
             mem = gp.get("used_memory_bytes")
             mem_note = f", {mem / 2**30:.1f} GiB" if isinstance(mem, int | float) else ""
             out.append(self.finding(
                 event, f"{entry.name} (pid {entry.pid}{mem_note}) from an agent sandbox ({sb.framework}) computes on "
                 f"{where} {g.get('index')} ({g.get('name') or uuid}); tool call: {sb.tool_call[:120]}",
-                timestamp=ts, severity="high" if shared_gpu else "low", score=0.9 if shared_gpu else 0.4,
+                timestamp=ts, severity="high" if owners else "low", score=0.9 if owners else 0.4,
                 fields={"gpu.uuid": uuid, "gpu.index": g.get("index"), "process.pid": entry.pid,
                         "process.name": entry.name, "process.command_line": entry.command_line, **entry.fields()}))
         if len(state.reported) > 4096:
