@@ -17,7 +17,9 @@ T0 = 1_793_491_200.0
 DURATION = 900.0  # hijacks start after 5 minutes of normal work
 HIJACKS = [n for n, s in SCENARIOS.items() if s.label == HIJACK]
 BENIGNS = [n for n, s in SCENARIOS.items() if s.label == BENIGN]
-GPU_HIJACKS = [n for n in HIJACKS if "gpu" in SCENARIOS[n].evidence]
+# A miner sharing a busy job's GPU shows on the GPU only once the job's dips fail to come (a dip period or two,
+# longer than these 15 minutes): mining_signature's examples and bench/detection.py cover it.
+GPU_HIJACKS = [n for n in HIJACKS if "gpu" in SCENARIOS[n].evidence.split(", ")]
 
 
 def describe(r):

@@ -64,6 +64,19 @@ def training(start: float, n: int, interval: float = 10.0, *, dip_every: int = 3
     return out
 
 
+def shared_training(start: float, n: int, interval: float = 10.0, *, pid: int = 2000, guest_pid: int = 31337,
+                    guest_gib: float = 4.5, **kw: Any) -> list[dict[str, Any]]:
+    """Training with a second process beside it that fills the job's dips (a miner squeezed in: the GPU never
+    drops below the guest's share)."""
+    out = []
+    for i in range(n):
+        out.append(gpu(start + i * interval, util=99 - abs(_wobble(i, 1)), mem_pct=60, used_gib=71 + guest_gib,
+                       power=380 + _wobble(i, 10), sm=1410, pcie=4e9,
+                       procs=[gproc(pid, TRAINER, gib=70, sm=None, cmd="python3 train.py --config llama.yaml"),
+                              gproc(guest_pid, "/usr/local/bin/python3", gib=guest_gib, sm=None)], **kw))
+    return out
+
+
 def mining(start: float, n: int, interval: float = 10.0, *, pid: int = 31337, exe: str | None = MINER_EXE,
            limit: float = 260, extra: list[dict[str, Any]] | None = None, **kw: Any) -> list[dict[str, Any]]:
     """An ethash-family miner: flat 100 %, memory controller busy, 5 GiB DAG, no PCIe, power-capped."""

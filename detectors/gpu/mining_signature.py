@@ -9,11 +9,16 @@ from typing import Any, ClassVar
 
 from detectors.base import Example, Finding, Signal
 from detectors.gpu._base import GpuDetector
-from detectors.gpu._examples import burn_in, idle, mining, training
+from detectors.gpu._examples import burn_in, idle, mining, shared_training, training
 from detectors.gpu._models import MiningSignature
 from detectors.gpu._ownership import host_process_table
 from detectors.gpu._window import GpuWindows, Sample, host_windows
 from gpusentry.contract import Dataset
+
+DIP_PCT = 30.0  # a busy window whose lowest sample is under this dipped
+DAG_GIB = 2.0  # smallest allocation a GPU miner holds (kawpow/etchash DAGs are 3-6 GiB, autolykos about 2.5)
+SOLO_HISTORY = 40  # busy windows of the lone job remembered for its dip rate (20 minutes at 30 s)
+MIN_SHARED_WINDOWS = 10
 
 
 @dataclass
@@ -22,6 +27,14 @@ class _GpuState:
     recent: deque[float]  # signature scores of the last busy windows
     pids: frozenset[int] = frozenset()  # the processes on the GPU, to notice a change of workload
     listed: tuple[int, ...] = ()  # the pids as last listed (the cheap same-as-before check)
+    # Sharing: a job alone on the GPU shows dips (checkpoints, evaluation, data stalls); a miner squeezed in
+    # beside it fills them. solo_dips: whether each busy window of the lone job dipped; shared_*: the same
+    # since a second DAG-sized allocation joined it.
+    solo_dips: deque[bool] = field(default_factory=lambda: deque(maxlen=SOLO_HISTORY))
+    shared_since: float | None = None
+    newcomer_gib: float = 0.0
+    shared_dips: list[bool] = field(default_factory=list)
+    shared_reported: bool = False
 
 
 @dataclass
@@ -35,7 +48,9 @@ class GpuMiningSignature(GpuDetector):
     title = "GPU behaves like a cryptocurrency miner"
     description = ("A GPU's windows show the mining signature: utilisation flat near 100 %, the memory "
                    "controller busy against a DAG-sized allocation, almost no PCIe traffic, a lowered power "
-                   "limit or an underclocked core, and none of the dips training and inference show.")
+                   "limit or an underclocked core, and none of the dips training and inference show. When a "
+                   "miner shares a busy job's GPU instead: a second DAG-sized allocation beside the job, and the "
+                   "job's dips gone (medium; other evidence raises it).")
     severity = "high"
     technique = "T1496.001"
     references = ("https://attack.mitre.org/techniques/T1496/001/",
@@ -50,6 +65,10 @@ class GpuMiningSignature(GpuDetector):
         Example("gpu-burn burn-in at 100 percent", False, burn_in(0, 20)),
         Example("training with checkpoint dips", False, training(0, 40, dip_every=12)),
         Example("idle gpu", False, idle(0, 10)),
+        Example("a miner squeezed in beside training fills its dips", True,
+                training(0, 120, dip_every=12) + shared_training(1200, 40)),
+        Example("a small helper process beside training", False,
+                training(0, 120, dip_every=12) + shared_training(1200, 40, guest_gib=0.4)),
     ]
 
     def new_state(self) -> SignatureState:
@@ -75,25 +94,70 @@ class GpuMiningSignature(GpuDetector):
             if pids != gpu.pids:
                 if gpu.pids:
                     gpu.model.new_workload()
+                self._sharing(event, gpu, gpu.pids, pids, sample.ts)
                 gpu.pids = pids
         if window is None:
             return ()
         x = window.features
+        shared = self._shared_signature(event, sample, window, gpu)
         parts = gpu.model.components(x)
         score = gpu.model.score_of(parts)
         gpu.model.learn_one(x)
         util = x.get("util_mean")
         if util is None or util < g.busy_gpu_pct:
-            return ()
+            return shared
         gpu.recent.append(score)
         if score >= g.signature_high and sum(s >= g.signature_high for s in gpu.recent) >= g.signature_windows:
             severity = "high"
         elif score >= g.signature_medium and sum(s >= g.signature_medium for s in gpu.recent) >= g.signature_windows:
             severity = "medium"
         else:
-            return ()
+            return shared
         why = ", ".join(k.replace("_", " ") for k, v in parts.items() if v >= 0.5)
-        return [self.finding(
+        return shared + [self.finding(
             event, f"GPU {window.index} mining signature {score:.2f} ({why}) over {g.window_s:.0f} s",
             timestamp=sample.ts, score=score, severity=severity,
             fields={"gpu.index": window.index, "gpu.uuid": window.uuid})]
+
+    @staticmethod
+    def _sharing(event: dict[str, Any], gpu: _GpuState, before: frozenset[int], after: frozenset[int],
+                 ts: float) -> None:
+        """Notice a second allocation joining a lone job (and the GPU going back to one job or none)."""
+        added = after - before
+        if len(before) == 1 and before <= after and added:
+            sizes = [p.get("used_memory_bytes") for p in (event.get("gpu") or {}).get("processes") or ()
+                     if isinstance(p, dict) and p.get("pid") in added]
+            gib = max((v for v in sizes if isinstance(v, int | float) and not isinstance(v, bool)), default=0) / 2**30
+            gpu.shared_since, gpu.newcomer_gib, gpu.shared_dips, gpu.shared_reported = ts, gib, [], False
+        elif len(after) <= 1:
+            gpu.shared_since = None
+            if after != before:
+                gpu.solo_dips.clear()  # a different lone job: its dips are learned anew
+
+    def _shared_signature(self, event: dict[str, Any], sample: Sample, window: Any, gpu: _GpuState) -> list[Finding]:
+        util_min = window.features.get("util_min")
+        util_mean = window.features.get("util_mean")
+        if util_min is None or util_mean is None or util_mean < self.settings.gpu.busy_gpu_pct:
+            return []
+        dipped = util_min < DIP_PCT
+        if gpu.shared_since is None:
+            if len(gpu.pids) == 1:
+                gpu.solo_dips.append(dipped)
+            return []
+        gpu.shared_dips.append(dipped)
+        solo = list(gpu.solo_dips)
+        solo_rate = sum(solo) / len(solo) if len(solo) >= MIN_SHARED_WINDOWS else 0.0
+        if gpu.shared_reported or gpu.newcomer_gib < DAG_GIB or solo_rate == 0.0:
+            return []
+        # Long enough to have seen two of the lone job's dips, had they still come.
+        needed = max(MIN_SHARED_WINDOWS, int(2 / solo_rate + 0.999))
+        shared = gpu.shared_dips
+        if len(shared) < needed or sum(shared) / len(shared) > solo_rate / 2:
+            return []
+        gpu.shared_reported = True
+        return [self.finding(
+            event, f"GPU {window.index}: a second {gpu.newcomer_gib:.1f} GiB allocation joined the job on it and "
+            f"the job's dips stopped ({sum(solo)} of {len(solo)} windows dipped before, {sum(shared)} of "
+            f"{len(shared)} since): a miner sharing the GPU", timestamp=sample.ts, score=0.75, severity="medium",
+            fields={"gpu.index": window.index, "gpu.uuid": window.uuid})]
+

@@ -43,7 +43,9 @@ class Scenario:
     label: str  # benign | hijack
     description: str
     build: Callable[[HostSim], float | None]
-    evidence: str = ""  # what a detector can see (hijacks): gpu, process, network
+    # What a detector can see (hijacks): gpu, process, network; gpu-sharing: a GPU miner beside a busy job, whose
+    # GPU signature (the job's dips gone) takes a dip period or two to show.
+    evidence: str = ""
     group: str = "fleet"  # fleet (classic hijacks and their look-alikes) | agentic (agent sandboxes on RL clusters)
 
 
@@ -397,9 +399,9 @@ SCENARIOS.update({s.name: s for s in (
     Scenario("agent-probe", HIJACK, "an agent sweeps internal hosts and control-plane ports and reads metadata "
              "credentials", _a.agent_probe, "network", AGENTIC),
     Scenario("agent-gpu-miner", HIJACK, "an agent's detached Python program shares the trainer's GPU with mining, "
-             "on and off", _a.agent_gpu_miner, "gpu, process", AGENTIC),
+             "on and off", _a.agent_gpu_miner, "gpu-sharing, process", AGENTIC),
     Scenario("agent-combined", HIJACK, "tunnel out, probe in, mine on the trainer's GPU, from one sandbox",
-             _a.agent_combined, "gpu, process, network", AGENTIC),
+             _a.agent_combined, "gpu-sharing, process, network", AGENTIC),
     Scenario("agent-intermittent", HIJACK, "short reverse tunnels that recur across episodes", _a.agent_intermittent,
              "process, network", AGENTIC),
 )})
