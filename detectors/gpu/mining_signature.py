@@ -31,6 +31,7 @@ class _GpuState:
     # beside it fills them. solo_dips: whether each busy window of the lone job dipped; shared_*: the same
     # since a second DAG-sized allocation joined it.
     solo_dips: deque[bool] = field(default_factory=lambda: deque(maxlen=SOLO_HISTORY))
+    solo_busy: deque[bool] = field(default_factory=lambda: deque(maxlen=SOLO_HISTORY))
     shared_since: float | None = None
     newcomer_gib: float = 0.0
     shared_dips: list[bool] = field(default_factory=list)
@@ -66,9 +67,9 @@ class GpuMiningSignature(GpuDetector):
         Example("training with checkpoint dips", False, training(0, 40, dip_every=12)),
         Example("idle gpu", False, idle(0, 10)),
         Example("a miner squeezed in beside training fills its dips", True,
-                training(0, 120, dip_every=12) + shared_training(1200, 40)),
+                training(0, 40, 30, dip_every=4) + shared_training(1200, 12, 30)),
         Example("a small helper process beside training", False,
-                training(0, 120, dip_every=12) + shared_training(1200, 40, guest_gib=0.4)),
+                training(0, 40, 30, dip_every=4) + shared_training(1200, 12, 30, guest_gib=0.4)),
     ]
 
     def new_state(self) -> SignatureState:
@@ -133,22 +134,27 @@ class GpuMiningSignature(GpuDetector):
             gpu.shared_since = None
             if after != before:
                 gpu.solo_dips.clear()  # a different lone job: its dips are learned anew
+                gpu.solo_busy.clear()
 
     def _shared_signature(self, event: dict[str, Any], sample: Sample, window: Any, gpu: _GpuState) -> list[Finding]:
         util_min = window.features.get("util_min")
         util_mean = window.features.get("util_mean")
-        if util_min is None or util_mean is None or util_mean < self.settings.gpu.busy_gpu_pct:
+        if util_min is None or util_mean is None:
             return []
+        # A dip is a window whose lowest sample is low, busy or not (a whole window can be a checkpoint).
         dipped = util_min < DIP_PCT
         if gpu.shared_since is None:
             if len(gpu.pids) == 1:
                 gpu.solo_dips.append(dipped)
+                gpu.solo_busy.append(util_mean >= self.settings.gpu.busy_gpu_pct)
             return []
         gpu.shared_dips.append(dipped)
         solo = list(gpu.solo_dips)
-        solo_rate = sum(solo) / len(solo) if len(solo) >= MIN_SHARED_WINDOWS else 0.0
-        if gpu.shared_reported or gpu.newcomer_gib < DAG_GIB or solo_rate == 0.0:
+        if gpu.shared_reported or gpu.newcomer_gib < DAG_GIB or len(solo) < MIN_SHARED_WINDOWS:
             return []
+        solo_rate = sum(solo) / len(solo)
+        if solo_rate == 0.0 or sum(gpu.solo_busy) < len(gpu.solo_busy) / 2:
+            return []  # a job that never dipped, or a mostly idle one: nothing to compare
         # Long enough to have seen two of the lone job's dips, had they still come.
         needed = max(MIN_SHARED_WINDOWS, int(2 / solo_rate + 0.999))
         shared = gpu.shared_dips
@@ -160,4 +166,3 @@ class GpuMiningSignature(GpuDetector):
             f"the job's dips stopped ({sum(solo)} of {len(solo)} windows dipped before, {sum(shared)} of "
             f"{len(shared)} since): a miner sharing the GPU", timestamp=sample.ts, score=0.75, severity="medium",
             fields={"gpu.index": window.index, "gpu.uuid": window.uuid})]
-

@@ -27,6 +27,8 @@ GENERIC_CLIENTS = frozenset({"curl", "wget", "nc", "ncat", "netcat", "socat", "t
 MAX_TRACKED_PIDS = 2048
 MAX_PROGRAMS = 1024
 REPEAT_S = 600.0
+# The examples' site: sweeps of 5 targets, a 2-minute learning period (short examples, same logic).
+SMALL_SITE = {"network": {"sweep_min_targets": 5, "sweep_warmup_s": 120}}
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class InternalProbe(Detector):
         Example("python sweep of the subnet's SSH ports", True, [
             flow(None, dst="10.0.0.2", dport=443, pid=1, process_name="kubelet"),  # the host's first flow
             *[flow(None, dst=f"10.0.7.{i}", dport=22, sport=40000 + i, pid=777, process_name="python3",
-                   t=900 + i * 0.5) for i in range(1, 31)]]),
+                   t=900 + i * 0.5) for i in range(1, 7)]], SMALL_SITE),
         Example("kubelet API from a sandbox", True, [
             proc("python -m ipykernel_launcher -f kernel-9.json", pid=300, parent="jupyter-lab", name="python"),
             proc("curl -sk https://10.0.0.1:10250/pods", pid=310, parent="python", parent_pid=300, t=1),
@@ -125,8 +127,8 @@ class InternalProbe(Detector):
             proc("/bin/bash -l -c 'nmap -sT -p 22,2375,10250 10.0.0.0/24'", pid=11, parent="envd", parent_pid=10),
             proc("nmap -sT -p 22,2375,10250 10.0.0.0/24", pid=12, parent="bash", parent_pid=11, t=0.1)]),
         Example("Prometheus scraping its usual targets, past the learning period", False, [
-            flow(None, dst=f"10.1.{i // 40}.{i % 40 + 2}", dport=9100, sport=30000 + i + 200 * w, pid=900,
-                 process_name="prometheus", t=w * 120 + i * 0.2) for w in range(8) for i in range(80)]),
+            flow(None, dst=f"10.1.0.{i + 2}", dport=9100, sport=30000 + i + 20 * w, pid=900,
+                 process_name="prometheus", t=w * 120 + i * 0.2) for w in range(3) for i in range(8)], SMALL_SITE),
         Example("cloud agent reading instance metadata", False,
                 [flow(b"GET /latest/meta-data/instance-id HTTP/1.1\r\n\r\n", dst="169.254.169.254", dport=80,
                       process_name="amazon-ssm-agen")]),
