@@ -31,7 +31,8 @@ from typing import Any
 
 from detectors.base import SEVERITIES, SEVERITY_SCORE, Finding
 from gpusentry.contract import Dataset, make_event
-from gpusentry.settings.detection import DetectionSettings, PricingSettings
+from gpusentry.pricing import price_list
+from gpusentry.settings.detection import DetectionSettings
 from gpusentry.timefmt import format_timestamp
 
 TECHNIQUE_NAMES = {"T1496": "Resource Hijacking", "T1496.001": "Compute Hijacking"}
@@ -67,9 +68,16 @@ class Incident:
     published_severity: str | None = None
     published_signals: frozenset[str] = frozenset()
     last_published_at: float | None = None
-    gpu_seconds: float = 0.0
-    energy_kwh: float = 0.0
-    usd: float = 0.0
+    gpu_seconds: float = 0.0  # wall time of the implicated GPUs
+    energy_kwh: float = 0.0  # the hijacker's share of their integrated draw, times PUE
+    usd: float = 0.0  # compute + energy, in the price list's currency
+    busy_gpu_seconds: float = 0.0  # the time those GPUs worked for the hijacker (what compute is billed on)
+    compute_cost: float = 0.0
+    energy_cost: float = 0.0
+    unpriced_gpu_seconds: float = 0.0  # busy time on GPUs the price table does not know
+    # GPU model (NVML name) -> [busy GPU-seconds, kWh, compute cost, energy cost, rate or None, table model]
+    by_model: dict[str, list[Any]] = field(default_factory=dict)
+    price_lists: list[str] = field(default_factory=list)  # versions of the price lists that priced it, in order
     last_sample_at: dict[str, float] = field(default_factory=dict)
     # Event time an implicated process was last seen running on a GPU: a miner found once, at its start,
     # keeps its incident open for as long as it runs.
@@ -112,21 +120,12 @@ def incident_severity(signal_severity: Mapping[str, str]) -> str:
     return SEVERITIES[min(level, len(SEVERITIES) - 1)]
 
 
-def gpu_hour_price(pricing: PricingSettings, gpu_name: str | None) -> float:
-    if gpu_name:
-        for key in sorted(pricing.gpu_hour_usd, key=len, reverse=True):
-            if key.lower() in gpu_name.lower():
-                return pricing.gpu_hour_usd[key]
-    return pricing.default_gpu_hour_usd
-
-
 class Correlator:
     def __init__(self, settings: DetectionSettings, rules: Mapping[str, tuple[str, str]] | None = None) -> None:
         """``rules`` maps rule ids to (name, description), for the ``rule.*`` fields of alerts."""
         self.settings = settings
         self.rules = dict(rules or {})
-        # GPU model name -> price per GPU-hour: looked up for every sample of a GPU under an incident.
-        self._gpu_hour_prices: dict[str | None, float] = {}
+        self.prices = price_list(settings.pricing)
 
     def observe(self, host: str, event: dict[str, Any], ts: float, findings: list[Finding],
                 state: HostIncidents) -> list[dict[str, Any]]:
@@ -233,8 +232,10 @@ class Correlator:
         uuid = gpu.get("uuid")
         if not isinstance(uuid, str):
             return
-        running = bool(inc.pids) and any(isinstance(p, dict) and p.get("pid") in inc.pids
-                                         for p in gpu.get("processes") or ())
+        procs = gpu.get("processes")
+        mine = [p for p in procs if isinstance(p, dict) and p.get("pid") in inc.pids] \
+            if inc.pids and isinstance(procs, list) else []
+        running = bool(mine)
         if running:
             inc.last_seen_running_at = max(inc.last_seen_running_at, ts)
         if uuid not in inc.gpus:
@@ -247,18 +248,49 @@ class Correlator:
             return
         dt = min(ts - last, MAX_SAMPLE_GAP_S)
         inc.gpu_seconds += dt
+        share = self._busy_share(gpu, mine, procs)
+        if share <= 0.0:
+            return  # idle, or another job's time: a duty-cycled miner is billed for its bursts only
+        busy = dt * share
         power_fields = gpu.get("power")
         power = power_fields.get("draw_watts") if type(power_fields) is dict else None
-        kwh = power * dt / 3.6e6 if type(power) is float or type(power) is int else 0.0
+        kwh = (power * busy / 3.6e6 * self.prices.pue) if type(power) is float or type(power) is int else 0.0
+        name = state.gpu_names.get(uuid) or "unknown model"
+        quote = self.prices.quote(name)
+        compute = busy / 3600 * quote.rate if quote is not None else 0.0
+        energy = kwh * self.prices.kwh
+        if not inc.price_lists or inc.price_lists[-1] != self.prices.version:
+            inc.price_lists.append(self.prices.version)  # a worker with another price list took over
+        inc.busy_gpu_seconds += busy
         inc.energy_kwh += kwh
-        pricing = self.settings.pricing
-        name = state.gpu_names.get(uuid)
-        price = self._gpu_hour_prices.get(name)
-        if price is None:
-            if len(self._gpu_hour_prices) >= 1024:
-                self._gpu_hour_prices.clear()
-            price = self._gpu_hour_prices[name] = gpu_hour_price(pricing, name)
-        inc.usd += dt / 3600 * price + kwh * pricing.kwh_usd
+        inc.compute_cost += compute
+        inc.energy_cost += energy
+        inc.usd += compute + energy
+        if quote is None:
+            inc.unpriced_gpu_seconds += busy
+        entry = inc.by_model.get(name)
+        if entry is None:
+            entry = inc.by_model[name] = [0.0, 0.0, 0.0, 0.0, None, quote.model if quote else None, set()]
+        entry[4] = quote.rate if quote else None
+        entry[0] += busy
+        entry[1] += kwh
+        entry[2] += compute
+        entry[3] += energy
+        entry[6].add(uuid)
+
+    def _busy_share(self, gpu: dict[str, Any], mine: list[dict[str, Any]], procs: Any) -> float:
+        """The fraction of a sample interval the GPU worked for the hijacker: its processes' SM share when
+        NVML reports it, else the GPU's busy time split evenly among the processes on it."""
+        sm = [v for p in mine if isinstance(v := p.get("sm_pct"), int | float) and not isinstance(v, bool)]
+        if mine and len(sm) == len(mine):
+            return min(1.0, sum(sm) / 100.0)
+        util = (gpu.get("utilization") or {}).get("gpu_pct") if type(gpu.get("utilization")) is dict else None
+        if not isinstance(util, int | float) or isinstance(util, bool) or util < self.settings.gpu.busy_gpu_pct:
+            return 0.0
+        if not mine:
+            return 1.0  # the GPU itself is the evidence (a mining signature): its busy time is the hijack's
+        others = len(procs) if isinstance(procs, list) else len(mine)
+        return len(mine) / max(others, len(mine))
 
     def _rule(self, inc: Incident) -> tuple[str, str, str]:
         rule_id = inc.top[2] if inc.top else RULE_ID
@@ -275,10 +307,10 @@ class Correlator:
         if status == "resolved":
             message = (f"Resolved: GPU/compute hijacking on {host} quiet since "
                        f"{format_timestamp(inc.last_active_at)} ({kinds}; {inc.evidence_count} findings, "
-                       f"{inc.gpu_seconds / 3600:.2f} GPU-hours, ${inc.usd:.2f})")
+                       f"{inc.busy_gpu_seconds / 3600:.2f} busy GPU-hours, {inc.usd:.2f} {self.prices.currency})")
         else:
             message = (f"GPU/compute hijacking suspected on {host} [{inc.severity}]: {lead} "
-                       f"({kinds}; {inc.evidence_count} findings, {inc.gpu_seconds / 3600:.2f} GPU-hours so far)")
+                       f"({kinds}; {inc.evidence_count} findings, {inc.busy_gpu_seconds / 3600:.2f} busy GPU-hours so far)")
         fields: dict[str, Any] = {
             "rule.id": rule_id, "rule.name": rule_name,
             "rule.description": rule_description or ("Correlated evidence of cryptocurrency mining or other "
@@ -305,8 +337,20 @@ class Correlator:
             "gpusentry.alert.episode": inc.episode,
             "gpusentry.alert.first_opened": format_timestamp(inc.first_opened_at or inc.opened_at),
             "gpusentry.alert.cost.gpu_seconds": round(inc.gpu_seconds, 3),
+            "gpusentry.alert.cost.busy_gpu_seconds": round(inc.busy_gpu_seconds, 3),
             "gpusentry.alert.cost.energy_kwh": round(inc.energy_kwh, 6),
             "gpusentry.alert.cost.usd": round(inc.usd, 4),
+            "gpusentry.alert.cost.compute": round(inc.compute_cost, 4),
+            "gpusentry.alert.cost.energy": round(inc.energy_cost, 4),
+            "gpusentry.alert.cost.currency": self.prices.currency,
+            "gpusentry.alert.cost.price_list": self.prices.version,
+            "gpusentry.alert.cost.price_lists": list(inc.price_lists) or [self.prices.version],
+            "gpusentry.alert.cost.gpus": len(inc.gpus),
+            "gpusentry.alert.cost.unpriced_gpu_seconds": round(inc.unpriced_gpu_seconds, 3),
+            "gpusentry.alert.cost.by_model": [
+                {"gpu_model": name, "price_model": e[5], "gpus": len(e[6]), "busy_gpu_seconds": round(e[0], 3),
+                 "energy_kwh": round(e[1], 6), "rate_per_gpu_hour": e[4], "compute": round(e[2], 4),
+                 "energy": round(e[3], 4)} for name, e in sorted(inc.by_model.items())],
         }
         if inc.technique == "T1496.001":
             fields["threat.technique.subtechnique.id"] = ["T1496.001"]

@@ -42,7 +42,8 @@ from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 5  # 4: detectors share per-host GPU windows (Detector.new_host_state); 5: and steadiness
+CHECKPOINT_FORMAT = 6  # 4: detectors share per-host GPU windows (Detector.new_host_state); 5: and steadiness;
+# 6: sandbox lineage, recurrence and busy-time cost accounting in the host state
 # Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
 MAX_ORIGINAL_BYTES = 64 * 1024
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from detectors._knowledge import KnowledgeError, load_entries
 from detectors.engine import Engine
 from detectors.examples import proc
 from detectors.sandbox._lineage import Lineage, load_shapes, matcher
 from gpusentry import contract as c
 from gpusentry.contract import event_time
+from gpusentry.knowledge import KnowledgeError, load_entries
 from gpusentry.settings.sandboxes import SandboxSettings
 from gpusentry.simulate import generate
 

@@ -18,6 +18,7 @@ from detectors.network.stratum import StratumPayload
 from detectors.process.miner_flags import MinerFlags
 from detectors.process.staging_path import StagingPath
 from gpusentry import contract as c
+from gpusentry.pricing import price_list
 from gpusentry.settings.detection import DetectionSettings
 from gpusentry.timefmt import format_timestamp
 
@@ -107,8 +108,11 @@ def test_cost_integrates_gpu_time_energy_and_price():
     final = eng_alerts[-1]["gpusentry"]["alert"]["cost"]
     assert final["gpu_seconds"] == pytest.approx(3600, abs=1)
     assert final["energy_kwh"] == pytest.approx(0.36, rel=1e-3)
-    price = DetectionSettings().pricing
-    assert final["usd"] == pytest.approx(price.gpu_hour_usd["H100"] + 0.36 * price.kwh_usd, rel=1e-3)
+    pricing = DetectionSettings().pricing
+    rate = price_list(pricing).quote("NVIDIA H100 80GB HBM3").rate
+    assert final["busy_gpu_seconds"] == pytest.approx(3600, abs=1)
+    assert final["usd"] == pytest.approx(rate + 0.36 * pricing.kwh_usd, rel=1e-3)
+    assert final["compute"] == pytest.approx(rate, rel=1e-3) and final["currency"] == "USD"
 
 
 def test_gpu_of_another_process_is_not_charged():

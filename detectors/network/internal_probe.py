@@ -9,7 +9,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from detectors._knowledge import load_entries
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import flow, proc
 from detectors.network._addresses import Places, places
@@ -18,6 +17,7 @@ from detectors.process._cmdline import argv, basename, process_fields, redact
 from detectors.process.tunnel import context
 from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
+from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import DetectionSettings
 
 PROBING_FILE = Path(__file__).with_name("probing.toml")

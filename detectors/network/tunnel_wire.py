@@ -8,7 +8,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from detectors._knowledge import load_entries
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import dns, flow, proc
 from detectors.network._addresses import Places, places
@@ -16,6 +15,7 @@ from detectors.network._payload import decode_payload, flow_fields
 from detectors.process.tunnel import context
 from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
+from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import DetectionSettings
 
 SERVICES_FILE = Path(__file__).with_name("tunnel_services.toml")

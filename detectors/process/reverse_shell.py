@@ -9,7 +9,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from detectors._knowledge import load_entries
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import flow, proc
 from detectors.network._addresses import Places, places
@@ -17,6 +16,7 @@ from detectors.process._cmdline import SHELLS, argv, basename, process_fields, r
 from detectors.process.tunnel import context
 from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
+from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import DetectionSettings
 
 SHELLS_FILE = Path(__file__).with_name("reverse_shells.toml")

@@ -8,7 +8,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from detectors._knowledge import load_entries
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import proc
 from detectors.network._addresses import Places, places, split_destination
@@ -16,6 +15,7 @@ from detectors.process._cmdline import argv, basename, process_fields, redact, s
 from detectors.process.service_spawn import service_kind
 from detectors.sandbox._lineage import Lineage, Matcher, Proc, matcher, shared_lineage
 from gpusentry.contract import Dataset, event_time, get
+from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import DetectionSettings
 
 TUNNELS_FILE = Path(__file__).with_name("tunnels.toml")

@@ -25,9 +25,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from detectors._knowledge import load_entries
 from detectors.process._cmdline import SHELLS, argv, basename
 from gpusentry.contract import as_dict
+from gpusentry.knowledge import load_entries
 from gpusentry.settings.sandboxes import SandboxSettings
 
 SHAPES_FILE = Path(__file__).with_name("sandboxes.toml")

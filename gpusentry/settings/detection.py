@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gpusentry.settings.base import Section
 from gpusentry.settings.gpu_detection import GpuDetectionSettings
@@ -13,14 +14,28 @@ from gpusentry.settings.sandboxes import NetworkDetectionSettings, SandboxSettin
 
 
 class PricingSettings(Section):
-    """What a stolen GPU-hour and kWh cost, for the incident's cost fields."""
+    """What a stolen GPU-hour and kWh cost, for the incident's cost fields (see docs/finance.md)."""
 
+    table_file: Path | None = Field(
+        None, description="A GPU price table to use instead of the one gpusentry ships "
+                          "(gpusentry/data/gpu_prices.toml; same format, validated at start-up).")
     gpu_hour_usd: dict[str, float] = Field(
-        default_factory=lambda: {"H200": 3.5, "H100": 2.5, "A100": 1.3, "L40S": 1.0, "L4": 0.7, "A10": 0.6,
-                                 "T4": 0.35, "V100": 0.9},
-        description="Price per GPU-hour by model: the first key found in `gpu.name` wins (longest keys first).")
-    default_gpu_hour_usd: float = Field(1.0, ge=0, description="Price per GPU-hour of a model not listed.")
-    kwh_usd: float = Field(0.12, ge=0, description="Price per kWh of integrated power draw.")
+        default_factory=dict,
+        description="Overrides of the price table, one entry at a time: model id or NVML name (e.g. `H100-SXM`, "
+                    "`NVIDIA L40S`) -> price per GPU-hour in `currency`; a name the table lacks adds a model. "
+                    "Models in neither are reported as unpriced, never priced at a default.")
+    kwh_usd: float = Field(0.12, ge=0, description="Price per kWh of energy, in `currency`.")
+    pue: float = Field(1.0, ge=1, le=3, description="Power usage effectiveness: facility energy per kWh the GPU "
+                                                    "drew (1.0 prices the GPU's own draw).")
+    currency: str = Field("USD", min_length=3, max_length=3, description="ISO 4217 code of every price and cost.")
+
+    @field_validator("gpu_hour_usd")
+    @classmethod
+    def _non_negative(cls, prices: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in prices.items() if v < 0]
+        if bad:
+            raise ValueError(f"gpu_hour_usd: negative price for {', '.join(bad)}")
+        return prices
 
 
 class DetectionSettings(Section):
