@@ -244,6 +244,72 @@ def pools_show(
     typer.echo(describe(cfg.detection.pools, show_entries=entries))
 
 
+@app.command()
+def report(
+    files: Annotated[list[Path] | None, typer.Argument(help="Incidents files (the worker's or `up`'s) or alert "
+                                                       "JSONL from `replay`; .gz works.", show_default=False)] = None,
+    from_kafka: Annotated[bool, typer.Option("--from-kafka", help="Read the alerts topic instead (from the offsets "
+                                             "of --since).")] = False,
+    by: Annotated[str, typer.Option(help="Group by: incident, host, namespace, team, cost-centre, gpu-model, day "
+                                         "or month.")] = "incident",
+    fmt: Annotated[str, typer.Option("--format", help="csv, json or html.")] = "csv",
+    since: Annotated[str | None, typer.Option(help="Only incidents with evidence from this time on (RFC 3339).",
+                                              show_default=False)] = None,
+    until: Annotated[str | None, typer.Option(help="Only incidents that began before this time (RFC 3339).",
+                                              show_default=False)] = None,
+    min_severity: Annotated[str, typer.Option(help="Leave out incidents below this severity (low notes are not "
+                                              "paged).")] = "medium",
+    verdicts: Annotated[Path | None, typer.Option(help="Analyst verdicts: the output of `gpusentry feedback list "
+                                                  "--all --json`.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here (default stdout).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """What each hijack cost: a ledger per incident, host, namespace, team, cost centre, GPU model, day or month."""
+    from gpusentry.report import (
+        FORMATS,
+        GROUPS,
+        SEVERITIES,
+        ReportError,
+        incident_rows,
+        load_files,
+        load_topic,
+        load_verdicts,
+    )
+    from gpusentry.report import render as render_report
+    from gpusentry.timefmt import parse_timestamp
+
+    cfg = setup(config)
+    if by not in GROUPS:
+        fail(f"--by {by!r}: choose one of {', '.join(GROUPS)}", EXIT_USAGE)
+    if fmt not in FORMATS:
+        fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}", EXIT_USAGE)
+    if min_severity not in SEVERITIES:
+        fail(f"--min-severity {min_severity!r}: choose one of {', '.join(SEVERITIES)}", EXIT_USAGE)
+    if bool(files) == from_kafka:
+        fail("give incidents files, or --from-kafka (not both)", EXIT_USAGE)
+    try:
+        t_since = parse_timestamp(since) if since else None
+        t_until = parse_timestamp(until) if until else None
+    except (TypeError, ValueError) as exc:
+        fail(f"--since/--until: {exc}; expected RFC 3339, e.g. 2026-11-01T00:00:00Z", EXIT_USAGE)
+    try:
+        loaded = load_topic(cfg, t_since, t_until) if from_kafka else load_files(files or [])
+        rows = incident_rows(loaded, load_verdicts(verdicts) if verdicts else None, t_since, t_until, min_severity)
+        source = "alerts topic " + cfg.topics.alerts if from_kafka else ", ".join(str(f) for f in files or [])
+        data = render_report(rows, by=by, fmt=fmt, source=source)
+    except ReportError as exc:
+        fail(str(exc))
+    for problem in loaded.skipped[:10]:
+        err.print(f"skipped {problem}", highlight=False, markup=False)
+    if out is None:
+        sys.stdout.buffer.write(data)
+    else:
+        out.write_bytes(data)
+    err.print(f"{len(rows)} incidents ({loaded.updates} updates read, {len(loaded.skipped)} lines skipped), "
+              f"{sum(r['total'] for r in rows):,.2f} {rows[0]['currency'] if rows else ''} in all"
+              + (f"; written to {out}" if out else ""), highlight=False, markup=False)
+
+
 feedback_app = typer.Typer(help="Analyst verdicts: make a signing key, add, list and revoke suppressions.",
                            no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")

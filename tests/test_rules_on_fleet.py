@@ -33,10 +33,20 @@ def outcome():
 
 def test_benign_hosts_raise_nothing(outcome):
     labels, alerts = outcome
-    benign = [h for h, label in labels.items() if label.label == "benign"]
+    benign = [h for h, label in labels.items() if label.label == "benign" and SCENARIOS[label.scenario].group == "fleet"]
     assert benign
     noisy = {h: [a["message"] for a in alerts[h]] for h in benign if alerts[h]}
     assert not noisy
+
+
+def test_agentic_look_alikes_raise_at_most_low_notes(outcome):
+    """A sandbox's CUDA tests on a spare GPU, or a tool server that lives in /tmp (rocklet), are worth a low
+    note on the incident view; nothing of theirs may page."""
+    labels, alerts = outcome
+    benign = [h for h, label in labels.items() if label.label == "benign" and SCENARIOS[label.scenario].group != "fleet"]
+    assert benign
+    loud = {h: [a["message"] for a in alerts[h] if a["gpusentry"]["alert"]["severity"] != "low"] for h in benign}
+    assert not any(loud.values()), loud
 
 
 def test_every_hijack_is_high_or_critical_within_a_minute(outcome):
