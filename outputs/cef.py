@@ -79,7 +79,7 @@ def cef_extension_fields(alert: Alert) -> list[tuple[str, Any]]:
         ("cat", "GPU/compute hijacking"),
         ("externalId", get(alert, "event.id")),
         ("msg", truncate(str(get(alert, "message") or ""), MSG_LIMIT)),
-        ("cn1", cost.get("gpu_seconds")), ("cn1Label", "gpuSeconds"),
+        ("cn1", cost.get("busy_gpu_seconds", cost.get("gpu_seconds"))), ("cn1Label", "busyGpuSeconds"),
         ("cfp1", cost.get("usd")), ("cfp1Label", "costUsd"),
         ("cfp2", cost.get("energy_kwh")), ("cfp2Label", "energyKwh"),
     ]

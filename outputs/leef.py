@@ -57,7 +57,7 @@ def leef_fields(alert: Alert) -> list[tuple[str, Any]]:
         ("gpuUuid", first(alert, "gpu.uuid")),
         ("status", status(alert)), ("severity", severity(alert)), ("dedupKey", dedup_key(alert)),
         ("technique", first(alert, "threat.technique.subtechnique.id", "threat.technique.id")),
-        ("gpuSeconds", cost.get("gpu_seconds")), ("costUsd", cost.get("usd")),
+        ("gpuSeconds", cost.get("busy_gpu_seconds", cost.get("gpu_seconds"))), ("costUsd", cost.get("usd")),
         ("energyKwh", cost.get("energy_kwh")),
         ("msg", truncate(str(get(alert, "message") or ""), 1023)),
     ]

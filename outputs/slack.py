@@ -57,6 +57,15 @@ def escape(text: Any) -> str:
     return _BROADCAST.sub("@\u2060\\1", out)
 
 
+def _cost_text(cost: dict[str, Any]) -> str:
+    """Busy GPU-hours, the amount in its currency, kWh, and the GPU models that were priced."""
+    busy = cost.get("busy_gpu_seconds", cost.get("gpu_seconds", 0)) or 0
+    models = ", ".join(f"{m.get('gpus')}x {m.get('gpu_model')}" for m in cost.get("by_model") or []
+                       if isinstance(m, dict))
+    return (f"{busy / 3600:.2f} busy GPU-h, {cost.get('usd', 0):.2f} {cost.get('currency', 'USD')}, "
+            f"{cost.get('energy_kwh', 0):.3f} kWh" + (f" ({models})" if models else ""))
+
+
 def _field(label: str, value: Any) -> dict[str, str]:
     return {"type": "mrkdwn", "text": truncate(f"*{label}*\n{escape(value)}", FIELD_LIMIT)}
 
@@ -79,8 +88,7 @@ def build_message(alert: Alert) -> dict[str, Any]:
         ("Destination", _destination(alert)),
         ("GPU", first(alert, "gpu.uuid")),
         ("User", first(alert, "user.name")),
-        ("Cost so far", f"{cost.get('gpu_seconds', 0) / 3600:.2f} GPU-h, ${cost.get('usd', 0):.2f}, "
-                        f"{cost.get('energy_kwh', 0):.3f} kWh" if cost else None),
+        ("Cost so far", _cost_text(cost) if cost else None),
     ]
     fields += [_field(label, value) for label, value in optional if value is not None]
     fields.append(_field("Dedup key", key))

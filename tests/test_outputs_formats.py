@@ -35,7 +35,7 @@ def test_cef_layout_standard_keys_and_labels():
         assert ext[key] == value, key
     labels = {ext[f"cs{n}Label"]: ext[f"cs{n}"] for n in range(1, 7) if f"cs{n}" in ext}
     assert labels["dedupKey"] == a["gpusentry"]["alert"]["dedup_key"] and labels["severity"] == "critical"
-    assert ext["cn1Label"] == "gpuSeconds" and ext["cfp1Label"] == "costUsd"
+    assert ext["cn1Label"] == "busyGpuSeconds" and ext["cfp1Label"] == "costUsd"
 
 
 def test_cef_severity_scale():
