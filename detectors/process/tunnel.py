@@ -129,6 +129,13 @@ class Tunnel(Detector):
                  parent="jupyter-lab", name="python"),
             proc("ssh -N -o RemoteForward=9000:127.0.0.1:8888 -o ServerAliveInterval=30 u@203.0.113.7", pid=301,
                  parent="python", parent_pid=300, t=2)]),
+        Example("socks forward from a SWE-bench evaluation container (known by its name)", True, [
+            {**proc("ssh -N -D 9050 x@203.0.113.8", pid=60, parent="bash", parent_pid=59, container_id="5e" * 32),
+             "container": {"id": "5e" * 32, "name": "sweb.eval.django__django-11099.run7"}}]),
+        Example("bore from a Ray worker's tool call", True, [
+            proc("ray::RolloutWorker.run_episode", pid=70, parent="raylet", name="ray::RolloutWor"),
+            proc("/bin/sh -c 'bore local 8888 --to bore.pub'", pid=71, parent="ray::RolloutWor", parent_pid=70, t=1),
+            proc("bore local 8888 --to bore.pub", pid=72, parent="sh", parent_pid=71, t=1.1)]),
         Example("chisel client from a user's shell", True,
                 [proc("/tmp/chisel client https://203.0.113.9:443 R:socks", parent="bash")]),
         Example("cloudflared quick tunnel", True,
