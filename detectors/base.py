@@ -35,6 +35,7 @@ class Signal:
     GPU_UNOWNED = "gpu_unowned"  # GPU work that no known job or allowed service owns
     TUNNEL = "tunnel"  # remote access out of the host: SSH forwards, tunnel tools, reverse shells
     PROBING = "probing"  # reaching into the network: sweeps, control-plane ports, scanners, metadata services
+    CLOCK = "clock"  # the host's clock moved in a way that could hide or freeze an incident
 
 
 @dataclass(frozen=True, slots=True)

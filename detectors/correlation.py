@@ -128,7 +128,9 @@ class Correlator:
         self.prices = price_list(settings.pricing)
 
     def observe(self, host: str, event: dict[str, Any], ts: float, findings: list[Finding],
-                state: HostIncidents) -> list[dict[str, Any]]:
+                state: HostIncidents, *, late: bool = False) -> list[dict[str, Any]]:
+        """``late``: the event is far behind the host's latest time; it adds evidence to an open incident but
+        neither resolves one nor opens (or reopens) one."""
         alerts: list[dict[str, Any]] = []
         inc = state.current
         is_gpu = event["event"]["dataset"] == _GPU
@@ -140,10 +142,10 @@ class Correlator:
                     state.gpu_names[uuid] = name
             if inc is not None:
                 self._account(inc, event, ts, state)
-        if inc is not None and not findings and ts - inc.last_active_at >= self.settings.resolve_after_s:
+        if inc is not None and not findings and not late and ts - inc.last_active_at >= self.settings.resolve_after_s:
             alerts.extend(self._resolve(host, inc, ts, state))
             inc = None
-        if not findings:
+        if not findings or (late and inc is None):
             return alerts
         if inc is None:
             inc = state.current = self._open(host, findings, ts, state)

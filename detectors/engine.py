@@ -18,11 +18,11 @@ import logging
 import pickle
 import pkgutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from detectors.base import Detector, Finding
+from detectors.base import Detector, Finding, Signal
 from detectors.correlation import Correlator, HostIncidents
 from gpusentry.contract import Dataset, event_time
 from gpusentry.settings.detection import DetectionSettings
@@ -63,17 +63,38 @@ def discover() -> list[type[Detector]]:
 class HostState:
     detector_states: dict[str, Any] = field(default_factory=dict)
     incidents: HostIncidents = field(default_factory=HostIncidents)
+    watermark: float | None = None  # the host's latest accepted event time
+    pending_jump: float | None = None  # an event far ahead of the reference clock, held until a second confirms it
     # dataset -> [(detector, its state, its parse of the dataset or None)]: what Engine.process runs,
     # without a lookup per detector.  Derived from detector_states, so it is left out of checkpoints
     # and rebuilt on first use.
     runs: dict[str, list[tuple[Detector, Any, Any]]] = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"detector_states": self.detector_states, "incidents": self.incidents}
+        return {"detector_states": self.detector_states, "incidents": self.incidents, "watermark": self.watermark,
+                "pending_jump": self.pending_jump}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"watermark": None, "pending_jump": None, **state})
         self.runs = {}
+
+
+@dataclass(frozen=True)
+class ClockReject:
+    """An event refused for its time: more than ``clock_skew_s`` ahead of the reference clock."""
+
+    reason: str
+    event: dict[str, Any]
+
+
+_NO_DATASET: dict[str, Any] = {"event": {"dataset": "clock"}}  # what a finding without an accepted event rides on
+CLOCK_JUMP_RULE = ("agent.clock_jump", "Host clock jumped ahead",
+                   "A host's events are dated ahead of the worker's clock by more than contract.max_future_skew_s "
+                   "(they are dead-lettered as clock_skew; said once per jump), or, in replay, two in a row leap "
+                   "past the file's time line by more than contract.max_replay_gap_s (the first is dead-lettered, "
+                   "the host's new time accepted from the second): its clock was stepped (a bad NTP step, a "
+                   "tampered agent). Low; medium while an incident is open on the host, which an attacker could "
+                   "try to close or freeze by moving time.")
 
 
 @dataclass(frozen=True)
@@ -89,11 +110,25 @@ class DetectorError(RuntimeError):
 
 class Engine:
     def __init__(self, settings: DetectionSettings | None = None, detectors: Iterable[Detector] | None = None,
-                 *, strict: bool = False) -> None:
+                 *, strict: bool = False, clock_skew_s: float = 300.0, replay_gap_s: float = 7 * 86400.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        """Clocks: with ``clock`` (a worker passes its wall clock) an event dated more than ``clock_skew_s``
+        ahead of it is refused. Without one (replay), the reference is the file's own time line, the latest
+        event time accepted from any host, and a file may skip ahead by up to ``replay_gap_s`` (fleets go
+        quiet, captures have gaps); an event beyond that is refused unless the next one of its host
+        confirms the new time."""
         self.settings = settings or DetectionSettings()
         self.detectors = list(detectors) if detectors is not None else [cls(self.settings) for cls in discover()]
         self.strict = strict
-        self.correlator = Correlator(self.settings, {d.id: (d.title, d.description) for d in self.detectors})
+        rules = {d.id: (d.title, d.description) for d in self.detectors}
+        rules[CLOCK_JUMP_RULE[0]] = CLOCK_JUMP_RULE[1:]
+        self.correlator = Correlator(self.settings, rules)
+        self.clock_skew_s = clock_skew_s
+        self.clock = clock
+        self.allowed_lead_s = clock_skew_s if clock is not None else max(clock_skew_s, replay_gap_s)
+        self.fleet_watermark: float | None = None  # replay's reference: the latest event time of any host
+        self.clock_rejects: list[ClockReject] = []
+        self.late_events = 0
         self._by_dataset: dict[str, list[Detector]] = {d.value: [] for d in Dataset}
         for det in self.detectors:
             for ds in det.datasets:
@@ -104,8 +139,9 @@ class Engine:
         self.findings_by_rule: Counter[str] = Counter()
 
     @classmethod
-    def from_config(cls, cfg: Config, *, strict: bool = False) -> Engine:
-        return cls(cfg.detection, strict=strict)
+    def from_config(cls, cfg: Config, *, strict: bool = False, clock: Callable[[], float] | None = None) -> Engine:
+        return cls(cfg.detection, strict=strict, clock_skew_s=cfg.contract.max_future_skew_s,
+                   replay_gap_s=cfg.contract.max_replay_gap_s, clock=clock)
 
     def _host(self, name: str) -> HostState:
         state = self.hosts.get(name)
@@ -125,6 +161,38 @@ class Engine:
         host = self.hosts.get(host_name) or self._host(host_name)
         ts = event_time(event)
         findings: list[Finding] = []
+        # Clocks: an event dated far ahead of the reference is held back (dead-lettered) until a second event
+        # confirms the host's new time; one bad timestamp can neither resolve nor freeze an incident.
+        reference = self.clock() if self.clock is not None else self.fleet_watermark
+        if reference is not None and ts > reference + self.allowed_lead_s:
+            pending = host.pending_jump
+            if pending is None or abs(ts - pending) > self.allowed_lead_s or self.clock is not None:
+                first = pending is None
+                host.pending_jump = ts
+                self.clock_rejects.append(ClockReject(
+                    f"event time {event['@timestamp']} is {ts - reference:,.0f} s ahead of "
+                    f"{'this worker' if self.clock is not None else 'the latest event'}'s clock ("
+                    f"{'contract.max_future_skew_s' if self.clock is not None else 'contract.max_replay_gap_s'} = "
+                    f"{self.allowed_lead_s:g} s); fix the host's clock (NTP)", event))
+                if self.clock is not None and first:
+                    # Live, every event of a host ahead of the worker's clock is refused; the host says so
+                    # once, as evidence dated by the worker's clock.
+                    jump = self._clock_jump(event, ts, host, reference, at=reference)
+                    host.pending_jump = ts
+                    self.findings_by_rule[jump.rule_id] += 1
+                    return self.correlator.observe(host_name, _NO_DATASET, reference, [jump], host.incidents)
+                return []
+            findings.append(self._clock_jump(event, ts, host, reference))
+        elif host.pending_jump is not None:
+            host.pending_jump = None  # the outlier stayed alone
+        wm = host.watermark
+        late = wm is not None and ts < wm - self.settings.resolve_after_s
+        if wm is None or ts > wm:
+            host.watermark = ts
+            if self.clock is None and (self.fleet_watermark is None or ts > self.fleet_watermark):
+                self.fleet_watermark = ts
+        if late:
+            self.late_events += 1
         runs = host.runs.get(dataset)
         if runs is None:
             states = host.detector_states
@@ -149,7 +217,27 @@ class Engine:
                     raise DetectorError(f"detector {det.id} raised on event {event['event'].get('id')}") from exc
         for f in findings:
             self.findings_by_rule[f.rule_id] += 1
-        return self.correlator.observe(host_name, event, ts, findings, host.incidents)
+        return self.correlator.observe(host_name, event, ts, findings, host.incidents, late=late)
+
+    def _clock_jump(self, event: dict[str, Any], ts: float, host: HostState, reference: float,
+                    at: float | None = None) -> Finding:
+        host.pending_jump = None
+        open_incident = host.incidents.current is not None
+        return Finding(rule_id=CLOCK_JUMP_RULE[0], signal=Signal.CLOCK, severity="medium" if open_incident else "low",
+                       message=f"host clock jumped {ts - reference:,.0f} s ahead (to {event['@timestamp']})"
+                               + ("; an incident is open on this host" if open_incident else ""),
+                       event_id=event["event"]["id"], timestamp=ts if at is None else at, score=0.6,
+                       technique="T1496")
+
+    def new_timeline(self) -> None:
+        """Judge what follows on its own time line (replay: each file), forgetting the times seen so far."""
+        self.fleet_watermark = None
+        for host in self.hosts.values():
+            host.watermark = host.pending_jump = None
+
+    def drain_clock_rejects(self) -> list[ClockReject]:
+        out, self.clock_rejects = self.clock_rejects, []
+        return out
 
     def finish(self) -> list[dict[str, Any]]:
         """End of input (replay): nothing is pending by default; incidents stay open as they were."""

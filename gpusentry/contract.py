@@ -62,6 +62,8 @@ class RejectCode(StrEnum):
     WRONG_TYPE = "wrong_type"
     BAD_VALUE = "bad_value"
     HOST_MISMATCH = "host_mismatch"
+    MISSING_KEY = "missing_key"
+    CLOCK_SKEW = "clock_skew"
 
 
 @dataclass(frozen=True, slots=True)

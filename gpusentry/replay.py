@@ -132,6 +132,8 @@ def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progr
     try:
         for path in files:
             stats = CaptureStats()
+            if hasattr(engine, "new_timeline"):
+                engine.new_timeline()  # each file's clock is judged against its own time line
             try:
                 items = (iter_capture(path, host or path.stem, stats, progress_console) if _is_capture(path)
                          else iter_jsonl(path))
@@ -147,6 +149,13 @@ def run_replay(files: list[Path], cfg: Config, *, out: Path | None = None, progr
                     alerts = process(item)
                     if alerts:
                         emit(alerts)
+                    if engine.clock_rejects:
+                        for rejected in engine.drain_clock_rejects():
+                            summary.rejected += 1
+                            summary.reject_codes[RejectCode.CLOCK_SKEW.value] += 1
+                            if progress_console is not None and summary.rejected <= MAX_REPORTED_REJECTS:
+                                progress_console.print(f"{path}:{lineno}: rejected: {rejected.reason}",
+                                                       highlight=False, markup=False)
                     if engine.failures:
                         summary.detector_failures += len(engine.drain_failures())
                     if progress_console is not None and not summary.events_read & 0x3FFF:

@@ -8,6 +8,8 @@ event to the detection engine.  Nothing in :mod:`detectors` imports faust.
 
 from __future__ import annotations
 
+import time
+
 import asyncio
 import importlib.metadata
 import logging
@@ -221,7 +223,7 @@ def build_app(cfg: Config, *, engine: Engine | None = None, metrics: WorkerMetri
     suppressions = Suppressions()
     clients = KafkaClients(cfg)
     t = cfg.topics
-    pipeline = Pipeline(engine or Engine.from_config(cfg), clients,
+    pipeline = Pipeline(engine or Engine.from_config(cfg, clock=time.time), clients,
                         Topics(events=tuple(t.event_topics().values()), alerts=t.alerts, deadletter=t.deadletter,
                                feedback=t.feedback),
                         max_message_bytes=cfg.contract.max_message_bytes,

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import orjson
 
 from detectors.engine import DetectorFailure, Engine
-from gpusentry.contract import Reject, decode_message
+from gpusentry.contract import Decoded, Reject, RejectCode, decode_message
 from gpusentry.timefmt import format_timestamp, parse_timestamp
 from streams.feedback import Suppressions
 from streams.metrics import WorkerMetrics
@@ -152,8 +152,12 @@ class Pipeline:
                                                           self.metrics.events.labels(topic))
             counters[0].inc()
             self.stats["messages"] += 1
-            host_key = key.decode("utf-8", "replace") if key else None
-            decoded = decode_message(value, key=host_key, max_bytes=self.max_message_bytes)
+            if not key:
+                # A keyless message would spread a host over partitions and workers (each with half its state).
+                decoded = Decoded(rejects=[Reject(RejectCode.MISSING_KEY, "message has no key; agents key every "
+                                                  "message by host.name (the producer's key)")])
+            else:
+                decoded = decode_message(value, key=key.decode("utf-8", "replace"), max_bytes=self.max_message_bytes)
             for reject in decoded.rejects:
                 await self._dead_letter_reject(reject, topic, partition, offset, key, value)
             engine = self.engine
@@ -173,6 +177,11 @@ class Pipeline:
                 if engine.failures:
                     for failure in engine.drain_failures():
                         await self._dead_letter_failure(failure, topic, partition, offset, key)
+                if engine.clock_rejects:
+                    for late in engine.drain_clock_rejects():
+                        await self.dead_letter(RejectCode.CLOCK_SKEW.value, late.reason, topic=topic,
+                                               partition=partition, offset=offset, key=key,
+                                               original=orjson.dumps(late.event).decode())
                 for alert in alerts:
                     await self._publish(alert)
                 last_ts = event["@timestamp"]
