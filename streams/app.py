@@ -8,12 +8,11 @@ event to the detection engine.  Nothing in :mod:`detectors` imports faust.
 
 from __future__ import annotations
 
-import time
-
 import asyncio
 import importlib.metadata
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
