@@ -9,13 +9,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
 from detectors.examples import flow, proc
-from detectors.network._addresses import Places, places
 from detectors.network._payload import decode_payload, flow_fields
 from detectors.process._cmdline import argv, basename, process_fields, redact
 from detectors.process.tunnel import context
-from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
+from detectors.sandbox._base import LineageDetector
+from detectors.sandbox._lineage import Lineage, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
 from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import DetectionSettings
@@ -83,7 +83,7 @@ class ProbeState:
     reported: dict[str, float] = field(default_factory=dict)
 
 
-class InternalProbe(Detector):
+class InternalProbe(LineageDetector):
     id = "network.internal_probe"
     title = "Internal probing or cloud-metadata access"
     description = ("One process reaching many distinct internal hosts or ports within `sweep_window_s` (a sweep: "
@@ -141,8 +141,6 @@ class InternalProbe(Detector):
     def __init__(self, settings: DetectionSettings | None = None) -> None:
         super().__init__(settings)
         self.knowledge = load_probing()
-        self.matcher: Matcher = matcher(self.settings.sandboxes)
-        self.places: Places = places(self.settings.network)
         net = self.settings.network
         self.window_s, self.min_targets, self.factor = net.sweep_window_s, net.sweep_min_targets, net.sweep_learned_factor
 

@@ -8,12 +8,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
 from detectors.examples import dns, flow, proc
-from detectors.network._addresses import Places, places
 from detectors.network._payload import decode_payload, flow_fields
 from detectors.process.tunnel import context
-from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
+from detectors.sandbox._base import LineageDetector
+from detectors.sandbox._lineage import Lineage, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
 from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import DetectionSettings
@@ -53,7 +53,7 @@ class WireState:
     reported: dict[str, float] = field(default_factory=dict)
 
 
-class TunnelWire(Detector):
+class TunnelWire(LineageDetector):
     id = "network.tunnel_wire"
     title = "Tunnel on the wire (SSH banner, chisel, tunnel service)"
     description = ("A new outbound flow whose first bytes are an SSH version banner (RFC 4253) to a destination "
@@ -97,8 +97,6 @@ class TunnelWire(Detector):
     def __init__(self, settings: DetectionSettings | None = None) -> None:
         super().__init__(settings)
         self.services = load_services()
-        self.matcher: Matcher = matcher(self.settings.sandboxes)
-        self.places: Places = places(self.settings.network)
 
     def new_state(self) -> WireState:
         return WireState(Lineage())

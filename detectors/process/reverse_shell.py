@@ -9,12 +9,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
 from detectors.examples import flow, proc
-from detectors.network._addresses import Places, places
 from detectors.process._cmdline import SHELLS, argv, basename, process_fields, redact, script_of, segments
 from detectors.process.tunnel import context
-from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
+from detectors.sandbox._base import LineageDetector
+from detectors.sandbox._lineage import Lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
 from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import DetectionSettings
@@ -48,7 +48,7 @@ def load_programs(path: Path = SHELLS_FILE) -> dict[str, ShellProgram]:
     return out
 
 
-class ReverseShell(Detector):
+class ReverseShell(LineageDetector):
     id = "process.reverse_shell"
     title = "Reverse shell"
     description = ("A shell whose input and output are a network connection: bash's /dev/tcp redirections "
@@ -92,14 +92,6 @@ class ReverseShell(Detector):
     def __init__(self, settings: DetectionSettings | None = None) -> None:
         super().__init__(settings)
         self.programs = load_programs()
-        self.matcher: Matcher = matcher(self.settings.sandboxes)
-        self.places: Places = places(self.settings.network)
-
-    def new_state(self) -> Lineage:
-        return Lineage()
-
-    def new_host_state(self, shared: dict[str, Any]) -> Lineage:
-        return shared_lineage(shared)
 
     def process(self, event: dict[str, Any], state: Lineage) -> Iterable[Finding]:
         ts = event_time(event)

@@ -8,12 +8,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
 from detectors.examples import proc
-from detectors.network._addresses import Places, places, split_destination
+from detectors.network._addresses import split_destination
 from detectors.process._cmdline import argv, basename, process_fields, redact, segments
 from detectors.process.service_spawn import service_kind
-from detectors.sandbox._lineage import Lineage, Matcher, Proc, matcher, shared_lineage
+from detectors.sandbox._base import LineageDetector
+from detectors.sandbox._lineage import Lineage, Proc
 from gpusentry.contract import Dataset, event_time, get
 from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import DetectionSettings
@@ -97,7 +98,7 @@ def context(lineage_proc: Proc | None, parent_name: str | None) -> tuple[str | N
     return None, {}
 
 
-class Tunnel(Detector):
+class Tunnel(LineageDetector):
     id = "process.tunnel"
     title = "Tunnel started (SSH forward or tunnel tool)"
     description = ("An ssh (or autossh, dbclient, plink) with a remote, dynamic, local, tun or jump forward (-R, "
@@ -160,14 +161,6 @@ class Tunnel(Detector):
     def __init__(self, settings: DetectionSettings | None = None) -> None:
         super().__init__(settings)
         self.knowledge = load_tunnels()
-        self.matcher: Matcher = matcher(self.settings.sandboxes)
-        self.places: Places = places(self.settings.network)
-
-    def new_state(self) -> Lineage:
-        return Lineage()
-
-    def new_host_state(self, shared: dict[str, Any]) -> Lineage:
-        return shared_lineage(shared)
 
     def process(self, event: dict[str, Any], state: Lineage) -> Iterable[Finding]:
         ts = event_time(event)

@@ -6,12 +6,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding, Signal
 from detectors.examples import proc
 from detectors.gpu._examples import TRAINER, gproc, gpu
-from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
+from detectors.sandbox._base import LineageDetector
+from detectors.sandbox._lineage import Lineage, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time
-from gpusentry.settings.detection import DetectionSettings
 
 REPEAT_S = 300.0
 _PROCESS = Dataset.PROCESS.value
@@ -23,7 +23,7 @@ class SandboxGpuState:
     reported: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
-class SandboxGpuProcess(Detector):
+class SandboxGpuProcess(LineageDetector):
     id = "sandbox.gpu_process"
     title = "Agent sandbox process computing on a GPU"
     description = ("A process that belongs to an agent sandbox (a tool call, or anything it started, however "
@@ -61,10 +61,6 @@ class SandboxGpuProcess(Detector):
             proc("python -m ipykernel_launcher -f kernel-1.json", pid=300, parent="jupyter-lab", name="python"),
             gpu(10, util=40, used_gib=12, power=200, procs=[gproc(300, TRAINER, gib=12)])]),
     ]
-
-    def __init__(self, settings: DetectionSettings | None = None) -> None:
-        super().__init__(settings)
-        self.matcher: Matcher = matcher(self.settings.sandboxes)
 
     def new_state(self) -> SandboxGpuState:
         return SandboxGpuState(Lineage())

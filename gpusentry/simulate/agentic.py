@@ -12,6 +12,7 @@ trainer's GPU with mining work on and off; alone, combined, and in intermittent 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -157,43 +158,32 @@ def gpu_miner(sim: HostSim, sb: Sandbox, t: float) -> None:
 # ---------------------------------------------------------------------------- scenarios
 
 
-def agent_tunnel(sim: HostSim) -> float | None:
+def _attack(sim: HostSim, *steps: tuple[float, Callable[[HostSim, Sandbox, float], None]]) -> float:
+    """The trainer, one sandbox at ordinary work, and attack steps (delay after the attack's start, piece)."""
     trainer(sim)
     sb = sandbox(sim, 20)
     t = attack_at(sim)
     ordinary_work(sim, sb, 40, sim.duration_s)
-    reverse_tunnel(sim, sb, t)
+    for delay, step in steps:
+        step(sim, sb, t + delay)
     return t
+
+
+def agent_tunnel(sim: HostSim) -> float | None:
+    return _attack(sim, (0, reverse_tunnel))
 
 
 def agent_probe(sim: HostSim) -> float | None:
-    trainer(sim)
-    sb = sandbox(sim, 20)
-    t = attack_at(sim)
-    ordinary_work(sim, sb, 40, sim.duration_s)
-    probe(sim, sb, t)
-    return t
+    return _attack(sim, (0, probe))
 
 
 def agent_gpu_miner(sim: HostSim) -> float | None:
-    trainer(sim)
-    sb = sandbox(sim, 20)
-    t = attack_at(sim)
-    ordinary_work(sim, sb, 40, sim.duration_s)
-    gpu_miner(sim, sb, t)
-    return t
+    return _attack(sim, (0, gpu_miner))
 
 
 def agent_combined(sim: HostSim) -> float | None:
     """The incident itself: tunnel out, probe in, mine on the trainer's GPU, all from one sandbox."""
-    trainer(sim)
-    sb = sandbox(sim, 20)
-    t = attack_at(sim)
-    ordinary_work(sim, sb, 40, sim.duration_s)
-    reverse_tunnel(sim, sb, t)
-    probe(sim, sb, t + 60)
-    gpu_miner(sim, sb, t + 120)
-    return t
+    return _attack(sim, (0, reverse_tunnel), (60, probe), (120, gpu_miner))
 
 
 def agent_intermittent(sim: HostSim) -> float | None:

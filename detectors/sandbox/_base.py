@@ -1,0 +1,27 @@
+"""The base of detectors that judge a process by its sandbox: lineage, sandbox shapes and where addresses are."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from detectors.base import Detector
+from detectors.network._addresses import Places, places
+from detectors.sandbox._lineage import Lineage, Matcher, matcher, shared_lineage
+from gpusentry.settings.detection import DetectionSettings
+
+
+class LineageDetector(Detector):
+    """Keeps the host's shared :class:`Lineage` as its state (subclasses with more state wrap it)."""
+
+    abstract: ClassVar[bool] = True
+
+    def __init__(self, settings: DetectionSettings | None = None) -> None:
+        super().__init__(settings)
+        self.matcher: Matcher = matcher(self.settings.sandboxes)
+        self.places: Places = places(self.settings.network)
+
+    def new_state(self) -> Any:
+        return Lineage()
+
+    def new_host_state(self, shared: dict[str, Any]) -> Any:
+        return shared_lineage(shared)
