@@ -11,7 +11,6 @@ Exit codes scripts can rely on (also in the README):
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -61,11 +60,10 @@ def setup(config_path: Path | None) -> Config:
 
 
 def configure_logging(cfg: Config) -> None:
-    if cfg.logging.format == "json":
-        fmt = '{"@timestamp":"%(asctime)s","log.level":"%(levelname)s","log.logger":"%(name)s","message":%(message)r}'
-    else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=cfg.logging.level, format=fmt, stream=sys.stderr, force=True)
+    from gpusentry.logs import configure
+
+    command = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "gpusentry"
+    configure(cfg.logging.level, cfg.logging.format, f"gpusentry-{command}")
 
 
 @app.command()

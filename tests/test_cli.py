@@ -68,3 +68,32 @@ def test_replay_reports_bad_lines_with_numbers_and_goes_on(tmp_path):
 def test_replay_missing_file_is_a_usage_error(tmp_path):
     result = runner.invoke(app, ["replay", str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2
+
+
+def test_json_logs_are_one_valid_ecs_object_per_line(tmp_path):
+    """logging.format = "json": every line parses, with ECS fields, whatever the message holds."""
+    import subprocess
+    import sys as _sys
+
+    r = subprocess.run([_sys.executable, "-m", "gpusentry.cli", "agent", "--output", "stdout", "--cycles", "1",
+                        "--interval", "0.2"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={**__import__("os").environ, "GPUSENTRY_LOGGING__FORMAT": "json"})
+    assert r.returncode == 0, r.stderr
+    lines = [orjson.loads(line) for line in r.stderr.splitlines() if line.strip()]  # every line is JSON
+    assert lines and all(d["service.name"] == "gpusentry-agent" and d["log.logger"] for d in lines)
+    import logging
+
+    from gpusentry.logs import EcsJsonFormatter
+
+    record = logging.LogRecord("gpusentry.test", logging.WARNING, __file__, 1, 'cmd "%s"\n{"forged": 1}',
+                               ("/tmp/x\\y",), None)
+    line = EcsJsonFormatter("gpusentry-test").format(record)
+    doc = orjson.loads(line)
+    assert "\n" not in line and doc["message"] == 'cmd "/tmp/x\\y"\n{"forged": 1}' and "forged" not in doc
+    assert doc["log.level"] == "warning" and doc["service.name"] == "gpusentry-test" and doc["@timestamp"]
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("g", logging.ERROR, __file__, 1, "failed", (), __import__("sys").exc_info())
+    doc = orjson.loads(EcsJsonFormatter("g").format(rec))
+    assert doc["error.type"] == "ValueError" and "boom" in doc["error.stack_trace"]
