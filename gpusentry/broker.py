@@ -16,8 +16,10 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -115,7 +117,7 @@ class EmbeddedBroker:
             stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             # A session of its own: Ctrl-C in a terminal reaches the whole foreground process group, and
             # the broker must outlive the clients that are still draining; its owner stops it last.
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
         if not wait_for_port(self.host, self.port, self.startup_timeout) or not self.running:
@@ -174,3 +176,15 @@ def create_topics(bootstrap_servers: str, topics: Iterable[str], *, partitions: 
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise BrokerUnavailable(f"could not create topic {name!r}: {exc}") from exc
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child that must not outlive its parent however the parent ends (SIGKILL included):
+    the kernel sends it SIGTERM when the parent thread exits (Linux ``PR_SET_PDEATHSIG``; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)

@@ -33,7 +33,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gpusentry.broker import EmbeddedBroker, create_topics
+from gpusentry.broker import EmbeddedBroker, create_topics, die_with_parent
 from gpusentry.config import Config
 from gpusentry.contract import get
 
@@ -58,8 +58,10 @@ class Child:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             # A session of its own: Ctrl-C reaches only `up`, which then stops the children in order.
+            # Dies with `up` however `up` ends (a SIGKILL or a closed terminal included): no orphans.
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=die_with_parent)
 
     def status(self) -> str:
         if self.proc is None:

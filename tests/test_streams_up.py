@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -118,3 +119,30 @@ def test_up_demo_detects_within_a_minute_and_ctrl_c_stops_everything(tmp_path):
     # The broker outlives its clients: nothing complains about a vanished broker while stopping.
     assert "Connection refused" not in text
     assert incidents.stat().st_size > 0  # kept
+
+
+def test_no_child_outlives_a_killed_up(tmp_path):
+    """SIGKILL of `up` (nothing of it runs to stop its children): the broker, worker and agent die with it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")}
+    env.update({"GPUSENTRY_WORKER__INCIDENTS_FILE": str(tmp_path / "incidents.jsonl")})
+    proc = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "up"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            names = " ".join(" ".join(c.cmdline()) for c in children if c.is_running())
+            if "worker" in names and "agent" in names and "broker" in names:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"up did not start its children: {names}")
+        proc.kill()
+        proc.wait(10)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"outlived up: {[' '.join(p.cmdline()) for p in alive]}"
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
