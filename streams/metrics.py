@@ -17,8 +17,11 @@ class WorkerMetrics:
                                 registry=r)
         self.events = Counter("gpusentry_worker_events", "Valid events processed, by topic (rate = events/s).",
                               ["topic"], registry=r)
-        self.alerts = Counter("gpusentry_worker_alerts", "Incident updates published, by rule and status.",
-                              ["rule", "status"], registry=r)
+        self.alerts = Counter("gpusentry_worker_alerts", "Incident updates published, by severity and status "
+                              "(each update once).", ["severity", "status"], registry=r)
+        self.alert_rules = Counter("gpusentry_worker_alert_rules", "Incident updates published, once per rule "
+                                   "that contributed to the incident (an update of three rules counts three times).",
+                                   ["rule", "status"], registry=r)
         self.suppressed = Counter("gpusentry_worker_alerts_suppressed",
                                   "Incident updates withheld by an analyst's suppression.", ["rule"], registry=r)
         self.duplicates = Counter("gpusentry_worker_alerts_deduplicated",

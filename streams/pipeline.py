@@ -240,8 +240,9 @@ class Pipeline:
         self._inflight.append(await self.io.send(self.topics.alerts, orjson.dumps(alert),
                                                  key=a["dedup_key"].encode()))
         self.stats["alerts"] += 1
+        self.metrics.alerts.labels(a["severity"], a["status"]).inc()
         for rule in rules:
-            self.metrics.alerts.labels(rule, a["status"]).inc()
+            self.metrics.alert_rules.labels(rule, a["status"]).inc()
         if self.on_alert is not None:
             self.on_alert(alert)
 

@@ -232,3 +232,20 @@ def test_suppressed_updates_are_not_published():
 
     io, p = run(go())
     assert io.topics["alerts"] == [] and p.stats["suppressed"] >= 1
+
+
+def test_the_alerts_metric_counts_updates_once_and_rules_apart():
+    async def go() -> tuple[FakeIO, Pipeline]:
+        io = FakeIO()
+        p = pipeline(io)
+        for off, v in enumerate(stream(10)):
+            await p.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+        await io.flush()
+        return io, p
+
+    io, p = run(go())
+    published = [orjson.loads(v)["gpusentry"]["alert"] for v in io.topics["alerts"]]
+    total = sum(s.get() for s in [m._value for m in p.metrics.alerts._metrics.values()])
+    per_rule = sum(s.get() for s in [m._value for m in p.metrics.alert_rules._metrics.values()])
+    assert total == len(published)
+    assert per_rule == sum(len(a["rules"]) for a in published) and per_rule > total

@@ -145,7 +145,9 @@ def test_agent_to_alerts_end_to_end_with_dead_letters_and_suppression(bootstrap,
             "index"] == 1
         assert worker.metric("gpusentry_worker_deadletters_total") == 7
         assert worker.metric("gpusentry_worker_events_total", topic=gpu_topic) >= 18 + 18 + 1
-        assert worker.metric("gpusentry_worker_alerts_total", rule="gpu.mining_signature") >= 1
+        assert worker.metric("gpusentry_worker_alert_rules_total", rule="gpu.mining_signature") >= 1
+        assert len(alerts) <= worker.metric("gpusentry_worker_alerts_total") <= \
+            worker.metric("gpusentry_worker_alert_rules_total")
         deadline = time.monotonic() + 10
         while 'gpusentry_worker_consumer_lag{partition="0",topic="' + gpu_topic not in worker.metrics_text():
             assert time.monotonic() < deadline, worker.metrics_text()
