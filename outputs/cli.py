@@ -117,7 +117,7 @@ def test_outputs(cfg: Config, *, only: list[str] | None, resolve: bool, attempts
         raise CommandError("no output is enabled: set outputs.<name>.enabled = true in the config file", 2)
     for out in outputs:
         # A quick verdict for the operator: few attempts, no long Retry-After waits.
-        out.policy = out.policy.model_copy(update={"max_attempts": attempts, "max_retry_after_s": 5.0,
+        out.policy = out.policy.model_copy(update={"max_attempts": attempts, "max_retry_after_s": 5.0, "breaker_failures": 0,
                                                    "min_severity": "low", "statuses": ["open", "resolved"],
                                                    "hosts": [], "exclude_hosts": [], "rules": []})
     console.print(f"sending a sample incident to {', '.join(o.name for o in outputs)} ...")

@@ -3,8 +3,10 @@
 Every output gets a :class:`Lane`: a bounded queue and one task that takes alerts in order, batches
 them when the output can take batches (HEC), waits for the output's rate limit, sends with a
 timeout, and on failure retries with exponential backoff and jitter, honouring the service's
-``Retry-After``.  After the last attempt, a permanent error (bad token, rejected payload) or while the
-output's circuit breaker is open, the alert goes to the dead-letter sink with the reason.  An alert
+``Retry-After``.  Delivery holds rather than drops: while the output's circuit breaker is open the
+lane pauses (nothing is sent, alerts wait in order) and tries again when it half-opens; an alert goes
+to the dead-letter sink only for a permanent error (bad token, rejected payload), after
+``max_attempts`` (when set) or once it has waited ``max_age_s`` for a retryable outage to end.  An alert
 is therefore always either delivered or dead-lettered: :meth:`Dispatcher.submit` returns a ticket that
 completes only then, and the forwarder commits its Kafka offset only after that (at least once).
 
@@ -199,6 +201,7 @@ class _Item:
     alert: Alert
     future: asyncio.Future[Outcome]
     size: int
+    queued_at: float  # dispatcher clock (monotonic) when the alert reached the lane: max_age_s counts from here
 
 
 class Lane:
@@ -263,13 +266,18 @@ class Lane:
         secrets = list(self.output.secrets())
         attempts = 0
         while True:
-            if not self.breaker.allow(self.clock.monotonic()):
-                reason = (f"circuit breaker open for output {self.name} after {self.breaker.failures} "
-                          f"consecutive failures (last: {self.breaker.last_error}); retrying the output in "
-                          f"{self.policy.breaker_reset_s:g}s")
-                self.stats["breaker_rejected"] += len(batch)
-                await self._dead_letter(batch, reason, attempts, None)
-                return
+            now = self.clock.monotonic()
+            if not self.breaker.allow(now):
+                # Paused, not dropped: wait for the half-open trial (the forwarder keeps polling meanwhile).
+                wait = self.breaker.reset_s - (now - (self.breaker.opened_at or now))
+                if self._too_old(batch, now + wait):
+                    await self._dead_letter(batch, f"circuit breaker open for output {self.name} (last: "
+                                            f"{self.breaker.last_error}); not delivered within max_age_s "
+                                            f"{self.policy.max_age_s:g}s", attempts, None)
+                    return
+                self.stats["breaker_waits"] += 1
+                await self.clock.sleep(max(wait, 0.0))
+                continue
             await self.bucket.acquire()
             attempts += 1
             self.stats["attempts"] += 1
@@ -312,7 +320,7 @@ class Lane:
                 BREAKER_OPEN.labels(self.name).set(1)
                 log.warning("output %s: circuit breaker open for %gs after %d failures: %s", self.name,
                             self.policy.breaker_reset_s, self.breaker.failures, reason)
-            if not error.retryable or attempts >= self.policy.max_attempts:
+            if not error.retryable or (self.policy.max_attempts and attempts >= self.policy.max_attempts):
                 why = reason if not error.retryable else f"{reason} (gave up after {attempts} attempts)"
                 await self._dead_letter(batch, why, attempts, error.status)
                 return
@@ -321,10 +329,18 @@ class Lane:
                 self.stats["retry_after_honoured"] += 1
             else:
                 delay = backoff_delay(attempts, self.policy, self.dispatcher.rng)
+            if self._too_old(batch, self.clock.monotonic() + delay):
+                await self._dead_letter(batch, f"{reason} (not delivered within max_age_s "
+                                        f"{self.policy.max_age_s:g}s, {attempts} attempts)", attempts, error.status)
+                return
             self.stats["retries"] += 1
             self.waits.append(delay)
             log.info("output %s: attempt %d failed (%s); retrying in %.2fs", self.name, attempts, reason, delay)
             await self.clock.sleep(delay)
+
+    def _too_old(self, batch: list[_Item], at: float) -> bool:
+        """True when the oldest alert of ``batch`` would have waited longer than ``max_age_s`` by ``at``."""
+        return bool(self.policy.max_age_s) and at - min(i.queued_at for i in batch) > self.policy.max_age_s
 
     async def _dead_letter(self, batch: list[_Item], reason: str, attempts: int, code: int | None) -> None:
         now = self.clock.time()
@@ -378,7 +394,7 @@ class Dispatcher:
             if lane.task is None or lane.task.done():
                 self._raise_if_lane_died(lane)
             fut: asyncio.Future[Outcome] = loop.create_future()
-            await lane.queue.put(_Item(alert, fut, lane.output.encoded_size(alert)))
+            await lane.queue.put(_Item(alert, fut, lane.output.encoded_size(alert), self.clock.monotonic()))
             futures.append(fut)
             self.routed[lane.name] += 1
         return asyncio.ensure_future(_gather(futures))

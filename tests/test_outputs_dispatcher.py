@@ -166,32 +166,44 @@ def test_last_attempt_dead_letters():
     assert len(clock.sleeps) == 2
 
 
-def test_circuit_breaker_opens_fails_fast_then_half_opens_and_closes():
+def test_an_open_breaker_pauses_the_output_and_every_alert_is_delivered_when_it_recovers():
+    """The webhook trouble of a real outage: 429 with Retry-After, then 500s and timeouts. The breaker opens,
+    nothing is sent while it is open, and once the endpoint answers again every alert, resolutions included,
+    is delivered; none is dead-lettered."""
     async def main():
         clock = FakeClock()
-        out = Scripted(policy(max_attempts=2, breaker_failures=3, breaker_reset_s=30), [retryable()] * 4)
+        script = [retryable("HTTP 429", retry_after=20.0)] + [retryable("HTTP 500")] * 6 + \
+            [DeliveryError("no answer within 10s (timeout_s)", retryable=True)] * 3
+        out = Scripted(policy(max_attempts=0, breaker_failures=3, breaker_reset_s=30), script)
         sink = MemoryDeadLetterSink()
         d = await Dispatcher([out], sink, clock=clock, seed=1, strict=True).start()
-        first = await d.deliver(alert(1))  # 2 failed attempts: dead-lettered, breaker still closed
-        second = await d.deliver(alert(2))  # 3rd failure opens the breaker: no 4th attempt
-        calls_when_open = out.calls
-        third = await d.deliver(alert(3))  # breaker open: not sent at all
-        assert out.calls == calls_when_open
-        clock.now += 31  # reset time passes: one trial request (fails: re-opens)
-        fourth = await d.deliver(alert(4))
-        clock.now += 31  # next trial succeeds: closed again
-        fifth = await d.deliver(alert(5))
-        sixth = await d.deliver(alert(6))
+        tickets = [await d.submit(alert(i)) for i in range(1, 7)] + [await d.submit(alert(7, status="resolved"))]
+        results = [await t for t in tickets]
         await d.close()
-        return out, sink, d, [first, second, third, fourth, fifth, sixth]
+        return clock, out, sink, d, results
 
-    out, sink, d, results = asyncio.run(main())
-    delivered = [r[0].delivered for r in results]
-    assert delivered == [False, False, False, False, True, True]
-    assert results[1][0].attempts == 1 and results[2][0].attempts == 0 and results[3][0].attempts == 1
-    assert "circuit breaker open" in results[2][0].reason and "HTTP 503" in results[2][0].reason
-    assert len(sink.records) == 4, "every undelivered alert is in the dead letters"
-    assert d.stats()["scripted"]["breaker_opened"] == 2
+    clock, out, sink, d, results = asyncio.run(main())
+    assert all(r[0].delivered for r in results), [r[0].reason for r in results]
+    assert not sink.records, "nothing dead-lettered: the output recovered"
+    stats = d.stats()["scripted"]
+    assert stats["breaker_opened"] >= 2 and stats["breaker_waits"] >= 2
+    assert out.calls == 10 + 7, "one batch at a time: the first alert waited out the outage, then all seven went"
+    # Backoff is capped at 8 s (policy); the longer waits are the pauses until the breaker half-opens.
+    assert any(8 < w <= 30 and w != 20.0 for w in clock.sleeps), clock.sleeps
+
+
+def test_a_retryable_outage_longer_than_max_age_dead_letters_with_the_reason():
+    async def main():
+        clock = FakeClock()
+        out = Scripted(policy(max_attempts=0, breaker_failures=2, breaker_reset_s=60, max_age_s=300),
+                       [retryable("HTTP 503")] * 100)
+        d, sink, results = await run([out], [alert(1)], clock)
+        return clock, sink, results
+
+    clock, sink, results = asyncio.run(main())
+    assert not results[0][0].delivered
+    assert "max_age_s 300s" in sink.records[0]["error"]["message"]
+    assert clock.now - 1000 <= 300 + 60, "gave up at the age limit, not long after"
 
 
 def test_rate_limit_spaces_requests():

@@ -59,15 +59,19 @@ class DeliveryPolicy(Section):
     rate_per_s: float = Field(0.0, ge=0, description="Most requests per second to this output (0: unlimited).")
     burst: int = Field(1, ge=1, description="Requests allowed back to back before `rate_per_s` applies.")
     timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one attempt (connect + send + answer).")
-    max_attempts: int = Field(5, ge=1, le=50,
-                              description="Attempts per alert before it goes to the dead-letter topic.")
+    max_attempts: int = Field(0, ge=0, le=1000,
+                              description="Attempts per alert before a retryable failure goes to the dead-letter "
+                              "topic (0: no limit; `max_age_s` decides).")
+    max_age_s: float = Field(
+        3600.0, ge=0, description="How long an alert may wait for a retryable outage (errors, timeouts, an open "
+        "breaker) to end before it goes to the dead-letter topic (0: for ever).")
     backoff_initial_s: float = Field(0.5, gt=0, description="Wait before the first retry (doubles each retry).")
     backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between retries.")
     max_retry_after_s: float = Field(
         300.0, gt=0, description="Longest `Retry-After` honoured; a longer one is cut to this.")
     breaker_failures: int = Field(
         5, ge=0, description="Consecutive failed attempts that open the circuit breaker (0: never). While "
-        "open, alerts for this output go straight to the dead-letter topic.")
+        "open, nothing is sent to the output and its alerts wait; it half-opens after `breaker_reset_s`.")
     breaker_reset_s: float = Field(30.0, gt=0,
                                    description="Seconds the breaker stays open before one trial request.")
     queue_size: int = Field(1000, ge=1, description="Alerts waiting for this output before intake pauses.")
