@@ -308,6 +308,93 @@ def report(
               + (f"; written to {out}" if out else ""), highlight=False, markup=False)
 
 
+deadletters_app = typer.Typer(help="The dead-letter topic: list what is there, deliver an output's alerts again.",
+                              no_args_is_help=True)
+app.add_typer(deadletters_app, name="deadletters")
+
+
+def _range(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+    from gpusentry.timefmt import parse_timestamp
+
+    try:
+        return (parse_timestamp(since) if since else None, parse_timestamp(until) if until else None)
+    except (TypeError, ValueError) as exc:
+        fail(f"--since/--until: {exc}; expected RFC 3339, e.g. 2026-11-01T00:00:00Z", EXIT_USAGE)
+
+
+Since = Annotated[str | None, typer.Option(help="Only dead letters written from this time on (RFC 3339).",
+                                           show_default=False)]
+Until = Annotated[str | None, typer.Option(help="Only dead letters written before this time (RFC 3339).",
+                                           show_default=False)]
+
+
+@deadletters_app.command("list")
+def deadletters_list(
+    since: Since = None, until: Until = None,
+    output: Annotated[str | None, typer.Option(help="Only what this output could not take.", show_default=False)
+                      ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per dead letter.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """What went to the dead-letter topic: refused input and undelivered alerts, with the reason."""
+    import orjson
+    from rich.table import Table
+
+    from gpusentry.topic_range import TopicReadError
+    from outputs.deadletters import read_dead_letters
+
+    cfg = setup(config)
+    t_since, t_until = _range(since, until)
+    try:
+        letters, bad = read_dead_letters(cfg, t_since, t_until)
+    except TopicReadError as exc:
+        fail(str(exc))
+    rows = [dl.row() for dl in letters if output is None or dl.output == output]
+    if as_json:
+        for row in rows:
+            typer.echo(orjson.dumps(row).decode())
+    else:
+        table = Table(title=f"{len(rows)} dead letters" + (f" ({bad} unreadable records)" if bad else ""))
+        for col in ("@timestamp", "reason", "output", "host", "dedup_key", "message"):
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*(Text(str(row.get(c) or "")) for c in ("@timestamp", "reason", "output", "host",
+                                                                  "dedup_key", "message")))
+        Console(soft_wrap=True).print(table)
+
+
+@deadletters_app.command("redrive")
+def deadletters_redrive(
+    output: Annotated[str, typer.Option(help="The output whose undelivered alerts to send again (it need not be "
+                                        "enabled, but must be configured).")],
+    since: Since = None, until: Until = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be sent; send nothing.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Deliver again the alerts an output could not take (retried as the forwarder retries); exit 1 if any fail."""
+    from gpusentry.topic_range import TopicReadError
+    from outputs.deadletters import alerts_of, read_dead_letters, redrive
+    from outputs.registry import OutputConfigError
+
+    cfg = setup(config)
+    t_since, t_until = _range(since, until)
+    try:
+        letters, _ = read_dead_letters(cfg, t_since, t_until)
+        if dry_run:
+            alerts, unreadable = alerts_of(letters, output)
+            typer.echo(f"would send {len(alerts)} alerts to {output} ({len(unreadable)} unreadable dead letters)")
+            return
+        result = redrive(cfg, letters, output)
+    except (TopicReadError, OutputConfigError) as exc:
+        fail(str(exc))
+    for problem in result.unreadable[:10]:
+        err.print(f"skipped {problem}", highlight=False, markup=False)
+    typer.echo(f"redrove {result.selected} alerts to {output}: {result.delivered} delivered, {result.failed} "
+               "dead-lettered again")
+    if result.failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
 feedback_app = typer.Typer(help="Analyst verdicts: make a signing key, add, list and revoke suppressions.",
                            no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")

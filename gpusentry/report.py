@@ -358,47 +358,17 @@ def render(rows: list[dict[str, Any]], *, by: str, fmt: str, title: str = "GPU h
 
 def load_topic(cfg: Any, since: float | None, until: float | None, *, timeout_s: float = 30.0) -> Loaded:
     """The alerts topic from the offsets of ``since`` (Kafka record time) to its end or ``until``."""
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from gpusentry.topic_range import TopicReadError, read_range
 
-    if not cfg.kafka.bootstrap_servers:
-        raise ReportError("--from-kafka needs kafka.bootstrap_servers (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS=host:9092)")
-    topic = cfg.topics.alerts
-    consumer = Consumer({**cfg.kafka.confluent_config(), "group.id": "gpusentry-report", "enable.auto.commit": False,
-                         "auto.offset.reset": "earliest", "log.connection.close": False})
     out = Loaded()
+    topic = cfg.topics.alerts
     try:
-        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise ReportError(f"topic {topic} not found at {cfg.kafka.bootstrap_servers}")
-        parts = sorted(meta.partitions)
-        start_ms = int(since * 1000) if since is not None else 0
-        starts = consumer.offsets_for_times([TopicPartition(topic, p, start_ms) for p in parts], timeout=timeout_s)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1] for p in parts}
-        todo = {tp.partition: tp.offset for tp in starts if 0 <= tp.offset < ends[tp.partition]}
-        consumer.assign([TopicPartition(topic, p, off) for p, off in todo.items()])
-        stop_ms = int(until * 1000) if until is not None else None
-        import time as _time
-
-        deadline = _time.monotonic() + timeout_s
-        while todo and _time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            p, off = int(msg.partition() or 0), int(msg.offset() or 0)
-            _, ts_ms = msg.timestamp()
-            if stop_ms is None or ts_ms < stop_ms:
-                value = msg.value()
-                try:
-                    doc = orjson.loads(value) if value else None
-                except orjson.JSONDecodeError:
-                    doc = None
-                fold([(f"{topic}[{p}]@{off}", doc if isinstance(doc, dict) else None)], out)
-            if off + 1 >= ends[p] or (stop_ms is not None and ts_ms >= stop_ms):
-                todo.pop(p, None)
-        if todo:
-            raise ReportError(f"could not read {topic} to its end in {timeout_s:.0f} s; is the broker slow?")
-    except KafkaException as exc:
-        raise ReportError(f"cannot read {topic} at {cfg.kafka.bootstrap_servers}: {exc}") from None
-    finally:
-        consumer.close()
+        for p, off, _ts, value in read_range(cfg, topic, since, until, timeout_s=timeout_s):
+            try:
+                doc = orjson.loads(value) if value else None
+            except orjson.JSONDecodeError:
+                doc = None
+            fold([(f"{topic}[{p}]@{off}", doc if isinstance(doc, dict) else None)], out)
+    except TopicReadError as exc:
+        raise ReportError(str(exc)) from None
     return out

@@ -95,40 +95,13 @@ def publish(cfg: Config, doc: dict[str, Any], *, timeout_s: float = 15.0) -> Non
 
 def read_feedback_topic(cfg: Config, *, timeout_s: float = 15.0) -> list[tuple[int, int, bytes | None]]:
     """Every record of the feedback topic, in partition and offset order."""
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from gpusentry.topic_range import TopicReadError, read_range
 
-    consumer = Consumer({**_producer_config(cfg), "group.id": f"gpusentry-feedback-list-{os.getpid()}",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     try:
-        meta = consumer.list_topics(cfg.topics.feedback, timeout=timeout_s)
-        topic = meta.topics.get(cfg.topics.feedback)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise FeedbackError(f"topic {cfg.topics.feedback} not found at {cfg.kafka.bootstrap_servers}; create the "
-                                f"topics first (`gpusentry worker --create-topics`)")
-        ends = {}
-        for p in sorted(topic.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(cfg.topics.feedback, p), timeout=timeout_s)
-            if high > low:
-                ends[p] = (low, high)
-        consumer.assign([TopicPartition(cfg.topics.feedback, p, low) for p, (low, _) in ends.items()])
-        out: list[tuple[int, int, bytes | None]] = []
-        pending = set(ends)
-        deadline = time.monotonic() + timeout_s
-        while pending and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
-            out.append((partition, offset, msg.value()))
-            if offset + 1 >= ends[partition][1]:
-                pending.discard(partition)
-        if pending:
-            raise FeedbackError(f"could not read all of {cfg.topics.feedback} in {timeout_s:.0f} s")
-    except KafkaException as exc:
-        raise FeedbackError(f"cannot read {cfg.topics.feedback} at {cfg.kafka.bootstrap_servers}: {exc}") from None
-    finally:
-        consumer.close()
-    return sorted(out, key=lambda r: (r[0], r[1]))
+        records = [(p, off, value) for p, off, _ts, value in read_range(cfg, cfg.topics.feedback, timeout_s=timeout_s)]
+    except TopicReadError as exc:
+        raise FeedbackError(str(exc)) from None
+    return sorted(records, key=lambda r: (r[0], r[1]))
 
 
 def audit(records: list[tuple[int, int, bytes | None]], verifier: Verifier, *, now: float) -> list[AuditRow]:

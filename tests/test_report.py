@@ -168,3 +168,21 @@ def test_the_html_report_renders_in_a_real_browser(tmp_path):
     if os.environ.get("GPUSENTRY_REPORT_SCREENSHOT"):  # `make docs` refreshes the README's picture this way
         shutil.copy(shot, os.environ["GPUSENTRY_REPORT_SCREENSHOT"])
     copy.deepcopy(alerts)  # the inputs are not modified by rendering
+
+
+@pytest.mark.broker
+def test_report_reads_the_alerts_topic_for_a_time_range(bootstrap):
+    from tests.streams_helpers import produce, producer, topic_env
+
+    env = topic_env(bootstrap, "report")
+    p = producer(bootstrap)
+    updates = [incident(1, total=1.0, ts="2026-11-03T00:10:00.000Z"), incident(1, total=4.0, ts="2026-11-03T00:20:00.000Z"),
+               incident(2, total=2.0, host="gpu-node-2")]
+    for a in updates:
+        produce(p, env["GPUSENTRY_TOPICS__ALERTS"], a["gpusentry"]["alert"]["dedup_key"], a)
+    p.flush(30)
+    r = subprocess.run([sys.executable, "-m", "gpusentry.cli", "report", "--from-kafka", "--format", "json",
+                        "--since", "2026-01-01T00:00:00Z"], capture_output=True, env={**os.environ, **env}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {row["host"]: row for row in orjson.loads(r.stdout)}
+    assert rows["gpu-node-1"]["total"] == 4.0 and rows["gpu-node-2"]["total"] == 2.0
