@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,8 @@ class TestResult:
 
 
 async def _test_outputs(outputs: list[Output], resolve: bool) -> list[TestResult]:
-    open_alert, resolved_alert = sample_incident(test_marker=True)
+    # The sample carries the current time, so receivers file it now, not in the past.
+    open_alert, resolved_alert = sample_incident(test_marker=True, t0=time.time())
     sink = MemoryDeadLetterSink()
     dispatcher = await Dispatcher(outputs, sink).start()
     results: list[TestResult] = []

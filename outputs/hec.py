@@ -88,6 +88,12 @@ class HecOutput(Output):
         self.requests += 1
         response = await self.client.post(self.url, content=body, headers=self._headers())
         check_response(response, "Splunk HEC", self.clock, detail=_hec_detail(response))
+        doc = json_object(response)
+        code = doc.get("code", 0)
+        if code != 0:  # HTTP 200 is not enough: HEC says in the body whether it took the events
+            raise DeliveryError(f"Splunk HEC answered HTTP {response.status_code} with {doc.get('text')!r} "
+                                f"(code {code}) instead of Success (code 0)", retryable=code == 9,
+                                status=response.status_code)
         if self.settings.ack:
             ack_id = json_object(response).get("ackId")
             if not isinstance(ack_id, int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from typer.testing import CliRunner
 
@@ -50,6 +52,8 @@ def test_outputs_test_sends_a_sample_incident_everywhere(receivers, tmp_path):
     assert [e["event_action"] for e in receivers.received[rx.PAGERDUTY_PATH]] == ["trigger", "resolve"]
     assert receivers.received[rx.PAGERDUTY_PATH][0]["dedup_key"].startswith("test-")
     assert len(receivers.received[rx.HEC_PATH]) == 2 and len(receivers.received[rx.SLACK_PATH]) == 2
+    sent_at = [e["time"] for e in receivers.received[rx.HEC_PATH]]
+    assert all(abs(t - time.time()) < 120 for t in sent_at), "the sample carries the current time"
     for secret in (rx.PD_ROUTING_KEY, rx.HEC_TOKEN, rx.WEBHOOK_SECRET, "XXXXSECRETXXXX"):
         assert secret not in result.output
 

@@ -301,3 +301,13 @@ def test_hec_batches_respect_the_byte_limit(receivers):
     per_request = receivers.received["hec_requests"]
     assert sum(per_request) == 20 and max(per_request) <= 8000 // size and len(per_request) < 20
     assert [e["event"]["event"]["id"] for e in receivers.received[rx.HEC_PATH]] == [a["event"]["id"] for a in alerts]
+
+
+def test_hec_200_without_success_in_the_body_is_not_a_delivery(receivers):
+    clock = FakeClock()
+    receivers.plan(rx.HEC_PATH, (200, {"Content-Type": "application/json"}, b'{"text":"Server is busy","code":9}'),
+                   (200, {"Content-Type": "application/json"}, b'{"text":"Incorrect index","code":7}'))
+    out = HecOutput(hec(receivers, max_attempts=3), clock=clock)
+    _, sink, outcomes = asyncio.run(deliver_all([out], [alert(1)], clock))
+    assert not outcomes[0].delivered, "code 9 was retried, code 7 is permanent"
+    assert "Incorrect index" in sink.records[0]["error"]["message"] and "code 7" in sink.records[0]["error"]["message"]
