@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpusentry.config import Config
+from gpusentry.timefmt import format_timestamp
 from outputs.base import Output
 from outputs.dispatcher import Dispatcher, MemoryDeadLetterSink
 from outputs.forwarder import ForwarderError, ForwardSummary, deliver_alerts, forward
@@ -93,8 +94,11 @@ class TestResult:
 
 
 async def _test_outputs(outputs: list[Output], resolve: bool) -> list[TestResult]:
-    # The sample carries the current time, so receivers file it now, not in the past.
-    open_alert, resolved_alert = sample_incident(test_marker=True, t0=time.time())
+    # The sample carries the current time, so receivers file it now, not in the past (or the future).
+    now = time.time()
+    open_alert, resolved_alert = sample_incident(test_marker=True, t0=now)
+    for sample in (open_alert, resolved_alert):
+        sample["@timestamp"] = sample["event"]["created"] = format_timestamp(now)
     sink = MemoryDeadLetterSink()
     dispatcher = await Dispatcher(outputs, sink).start()
     results: list[TestResult] = []
