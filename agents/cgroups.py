@@ -1,0 +1,86 @@
+"""Who owns a process, from its ``/proc/PID/cgroup``: a Kubernetes pod and container, a Slurm job and step, or a
+plain Docker container. The first piece of allocation-aware ownership: the scheduler's allocation names pods
+and jobs, the GPU's process list names pids, and the cgroup joins the two.
+
+Shapes recognised (cgroup v1 lines ``N:controllers:/path`` and the v2 line ``0::/path`` alike):
+
+* Kubernetes, cgroupfs driver: ``…/kubepods[/burstable|/besteffort]/pod<uid>/<container id>``;
+* Kubernetes, systemd driver: ``…/kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid with _>.slice/
+  <runtime>-<container id>.scope`` for containerd (``cri-containerd-``), CRI-O (``crio-``) and Docker or
+  cri-dockerd (``docker-``); CRI-O's ``crio-conmon-`` monitor is not the container;
+* any ``--cgroup-root`` prefix before ``kubepods``, and the ``/../`` prefixes a path shows from inside a
+  cgroup namespace;
+* Slurm, cgroup v2: ``/system.slice/slurmstepd.scope/<job>/step_<id>/…`` where ``<job>`` is ``job_<id>`` or, from
+  Slurm 26.05, the job's SLUID (unless ``CgroupJobIdPaths=yes``); cgroup v1:
+  ``…/slurm/uid_<uid>/job_<id>/step_<id>/…``;
+* Docker outside Kubernetes: ``/docker/<id>`` and ``/system.slice/docker-<id>.scope``.
+
+Nothing here reads the environment (``SLURM_*``, ``CUDA_VISIBLE_DEVICES``): the user controls it, the
+cgroup is the kernel's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_CID = r"([0-9a-f]{64})"
+_POD_CGROUPFS = re.compile(r"/kubepods(?:/(burstable|besteffort))?/pod([0-9a-f-]{36})(?:/" + _CID + r")?(?:/|$)")
+_POD_SYSTEMD = re.compile(r"kubepods(?:-(burstable|besteffort))?-pod([0-9a-f_]{36})\.slice"
+                          r"(?:/(cri-containerd|crio|docker|crio-conmon)-" + _CID + r"\.scope)?")
+_SLURM_V2 = re.compile(r"/slurmstepd\.scope/(job_(\d+)|(?!step_)([A-Za-z0-9]+))(?:/step_([A-Za-z0-9_]+))?")
+_SLURM_V1 = re.compile(r"/slurm/uid_(\d+)/job_(\d+)(?:/step_([A-Za-z0-9_]+))?")
+_DOCKER = re.compile(r"(?:^|/)(?:docker/|docker-)" + _CID + r"(?:\.scope)?(?:/|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupOwner:
+    kind: str  # kubernetes | slurm | docker
+    pod_uid: str | None = None
+    container_id: str | None = None
+    qos: str | None = None  # guaranteed | burstable | besteffort
+    runtime: str | None = None  # containerd | cri-o | docker (systemd driver only)
+    job_id: str | None = None  # the number, or the SLUID
+    step: str | None = None  # 0, batch, extern, interactive, ...
+    uid: int | None = None  # Slurm cgroup v1 names the user
+
+
+def _paths(cgroup_text: str) -> list[str]:
+    out = []
+    for line in cgroup_text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[2]:
+            out.append(parts[2])
+    return out
+
+
+_RUNTIMES = {"cri-containerd": "containerd", "crio": "cri-o", "docker": "docker"}
+
+
+def owner_of(cgroup_text: str) -> CgroupOwner | None:
+    """The owner a ``/proc/PID/cgroup`` names, or None (a host process, a systemd service, unknown)."""
+    paths = _paths(cgroup_text)
+    for path in paths:
+        m = _POD_SYSTEMD.search(path)
+        if m:
+            runtime = m.group(3)
+            if runtime == "crio-conmon":
+                return None  # CRI-O's container monitor: not the container, and never on a GPU
+            return CgroupOwner("kubernetes", pod_uid=m.group(2).replace("_", "-"), container_id=m.group(4),
+                               qos=m.group(1) or "guaranteed", runtime=_RUNTIMES.get(runtime or ""))
+        m = _POD_CGROUPFS.search(path)
+        if m:
+            return CgroupOwner("kubernetes", pod_uid=m.group(2), container_id=m.group(3),
+                               qos=m.group(1) or "guaranteed")
+    for path in paths:
+        m = _SLURM_V2.search(path)
+        if m:
+            return CgroupOwner("slurm", job_id=m.group(2) or m.group(3), step=m.group(4))
+        m = _SLURM_V1.search(path)
+        if m:
+            return CgroupOwner("slurm", job_id=m.group(2), step=m.group(3), uid=int(m.group(1)))
+    for path in paths:
+        m = _DOCKER.search(path)
+        if m:
+            return CgroupOwner("docker", container_id=m.group(1), runtime="docker")
+    return None
