@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
+from agents.cgroups import PodNames
 from agents.gpu import GpuCollector
 from agents.metrics import AgentMetrics
 from agents.network import NetworkCollector
@@ -70,7 +71,7 @@ class Agent:
             hasher = ExecutableHasher(s.hash_max_bytes) if s.hash_executables else None
             out.append(ProcessCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
                                         source=s.process_source, hasher=hasher,
-                                        containers=ContainerNames(s.docker_root)))
+                                        containers=ContainerNames(s.docker_root), pods=PodNames(s.pod_logs_dir)))
         if "network" in s.collectors:
             out.append(NetworkCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
                                         capture=s.capture, payload_bytes=s.payload_bytes,

@@ -84,3 +84,58 @@ def owner_of(cgroup_text: str) -> CgroupOwner | None:
         if m:
             return CgroupOwner("docker", container_id=m.group(1), runtime="docker")
     return None
+
+
+class PodNames:
+    """Pod UID -> (namespace, name), from the kubelet's log directory ``/var/log/pods/<ns>_<pod>_<uid>/``:
+    readable on every node without API access (mount it read-only into the agent). Listed again when a UID
+    is unknown, at most every ``min_interval_s``."""
+
+    def __init__(self, root: str | None = "/var/log/pods", min_interval_s: float = 5.0) -> None:
+        self.root = root
+        self.min_interval_s = min_interval_s
+        self._names: dict[str, tuple[str, str]] = {}
+        self._listed_at = float("-inf")
+
+    def lookup(self, pod_uid: str | None, now: float) -> tuple[str | None, str | None]:
+        if not pod_uid or not self.root:
+            return None, None
+        hit = self._names.get(pod_uid)
+        if hit is None and now - self._listed_at >= self.min_interval_s:
+            self._listed_at = now
+            self._names = self._list()
+            hit = self._names.get(pod_uid)
+        return hit if hit is not None else (None, None)
+
+    def _list(self) -> dict[str, tuple[str, str]]:
+        import os
+
+        try:
+            entries = os.listdir(self.root or "")
+        except OSError:
+            return {}
+        out: dict[str, tuple[str, str]] = {}
+        for entry in entries:
+            parts = entry.rsplit("_", 2)  # namespaces and pod names contain no "_"; the UID is last
+            if len(parts) == 3 and len(parts[2]) == 36:
+                out[parts[2]] = (parts[0], parts[1])
+        return out
+
+
+def owner_fields(owner: CgroupOwner | None, pods: PodNames | None, now: float) -> dict[str, object]:
+    """ECS ``orchestrator.*`` fields (and the Slurm step) for a process event."""
+    if owner is None or owner.kind == "docker":
+        return {}
+    if owner.kind == "kubernetes":
+        namespace, name = pods.lookup(owner.pod_uid, now) if pods is not None else (None, None)
+        fields: dict[str, object] = {"orchestrator.type": "kubernetes", "orchestrator.resource.type": "pod",
+                                     "orchestrator.resource.id": owner.pod_uid}
+        if namespace:
+            fields["orchestrator.namespace"] = namespace
+        if name:
+            fields["orchestrator.resource.name"] = name
+        return fields
+    fields = {"orchestrator.type": "slurm", "orchestrator.resource.type": "job", "orchestrator.resource.id": owner.job_id}
+    if owner.step:
+        fields["gpusentry.owner.step"] = owner.step
+    return fields

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Any
 
+from agents.cgroups import PodNames, owner_fields
 from agents.metrics import AgentMetrics
 from agents.procfs import ContainerNames, ExecutableHasher, ProcessInfo, ProcFS, name_this_thread
 from gpusentry.contract import process_event
@@ -132,9 +133,10 @@ class ProcessCollector:
 
     def __init__(self, host_name: str, *, procfs: ProcFS | None = None, metrics: AgentMetrics | None = None,
                  source: str = "auto", hasher: ExecutableHasher | None = None,
-                 containers: ContainerNames | None = None) -> None:
+                 containers: ContainerNames | None = None, pods: PodNames | None = None) -> None:
         self.host_name = host_name
         self.containers = containers or ContainerNames(None)
+        self.pods = pods
         self.procfs = procfs or ProcFS()
         self.metrics = metrics or AgentMetrics()
         self.requested = source
@@ -271,7 +273,8 @@ class ProcessCollector:
             command_line=info.command_line, args=info.args, working_directory=info.working_directory,
             start=info.start_time, parent_pid=info.ppid, parent_name=parent_name,
             user_name=self.procfs.user_name(info.uid), container_id=info.container_id, sha256=sha,
-            container_name=container_name, container_image=container_image)
+            container_name=container_name, container_image=container_image,
+            owner=owner_fields(info.owner, self.pods, now))
 
     def _name_of(self, pid: int) -> str | None:
         known = self.known.get(pid)

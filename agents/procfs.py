@@ -22,6 +22,8 @@ from pathlib import Path
 
 import orjson
 
+from agents.cgroups import CgroupOwner, owner_of
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Container runtimes put the 64-hex container id in the cgroup path: docker-<id>.scope,
 # cri-containerd-<id>.scope, crio-<id>.scope, /docker/<id>, /kubepods/.../<id>, libpod-<id>.scope.
@@ -39,6 +41,7 @@ class ProcessInfo:
     args: list[str] | None
     working_directory: str | None
     container_id: str | None
+    owner: CgroupOwner | None = None  # the pod, job or container the cgroup names
 
     @property
     def command_line(self) -> str | None:
@@ -119,12 +122,15 @@ class ProcFS:
             return None  # kernel threads and zombies have none
         return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")]
 
-    def container_id(self, pid: int) -> str | None:
+    def cgroup(self, pid: int) -> str:
         try:
             with open(f"{self.root}/{pid}/cgroup", encoding="utf-8", errors="replace") as fh:
-                text = fh.read()
+                return fh.read()
         except OSError:
-            return None
+            return ""
+
+    def container_id(self, pid: int, text: str | None = None) -> str | None:
+        text = self.cgroup(pid) if text is None else text
         for line in text.splitlines():
             path = line.split(":", 2)[-1]
             m = _CONTAINER_ID.search(path)
@@ -155,9 +161,11 @@ class ProcFS:
             return None
         comm, ppid, start = st
         base = f"{self.root}/{pid}"
+        cgroup = self.cgroup(pid)  # read once: the container id and the owner both come from it
         return ProcessInfo(pid=pid, name=comm, ppid=ppid, start_time=start, uid=self.uid(pid),
                            executable=self._readlink(f"{base}/exe"), args=self.cmdline(pid),
-                           working_directory=self._readlink(f"{base}/cwd"), container_id=self.container_id(pid))
+                           working_directory=self._readlink(f"{base}/cwd"),
+                           container_id=self.container_id(pid, cgroup), owner=owner_of(cgroup) if cgroup else None)
 
     # ------------------------------------------------------------------ sockets
 

@@ -259,6 +259,12 @@ DATASET_FIELDS: dict[Dataset, tuple[FieldSpec, ...]] = {
         _o("container.id", _STR, "Container id, from the cgroup path."),
         _o("container.name", _STR, "Container name, where the runtime's state is readable (Docker)."),
         _o("container.image.name", _STR, "Container image, likewise."),
+        _o("orchestrator.type", _STR, "Who scheduled the process, from its cgroup: `kubernetes` or `slurm`."),
+        _o("orchestrator.namespace", _STR, "Its pod's namespace (from the kubelet's pod log directory)."),
+        _o("orchestrator.resource.type", _STR, "`pod` or `job`."),
+        _o("orchestrator.resource.name", _STR, "Its pod's name."),
+        _o("orchestrator.resource.id", _STR, "Its pod's UID or its Slurm job id (or SLUID)."),
+        _o("gpusentry.owner.step", _STR, "Its Slurm step (`0`, `batch`, `extern`, ...)."),
         _o("process.hash.sha256", _STR, "SHA-256 of the executable (optional)."),
     ),
     Dataset.NETWORK: (
@@ -624,6 +630,7 @@ def process_event(host_name: str, timestamp: float | str, *, action: str, pid: i
                   parent_pid: int | None = None, parent_name: str | None = None, user_name: str | None = None,
                   container_id: str | None = None, sha256: str | None = None,
                   container_name: str | None = None, container_image: str | None = None,
+                  owner: Mapping[str, Any] | None = None,
                   event_id: str | None = None) -> dict[str, Any]:
     """A process ``start`` or ``end`` (``action``)."""
     if action not in ("start", "end"):
@@ -640,6 +647,8 @@ def process_event(host_name: str, timestamp: float | str, *, action: str, pid: i
         fields["container.name"] = container_name
     if container_image is not None:
         fields["container.image.name"] = container_image
+    if owner:
+        fields.update(owner)
     if sha256 is not None:
         fields["process.hash.sha256"] = sha256
     return make_event(Dataset.PROCESS, host_name, timestamp, fields, event_id=event_id, event_type=[action])

@@ -67,3 +67,44 @@ def test_owners_of_every_runtime_driver_and_version(text, owner):
 ], ids=["login session", "host service", "CRI-O conmon", "empty", "garbage", "root"])
 def test_not_owned_by_a_pod_job_or_container(text):
     assert owner_of(text) is None
+
+
+def test_pod_names_come_from_the_kubelets_log_directory(tmp_path):
+    from agents.cgroups import PodNames, owner_fields
+
+    (tmp_path / f"ml-team-a_trainer-7f9c_{UID}").mkdir()
+    (tmp_path / "kube-system_coredns-5d78_00000000-0000-0000-0000-000000000001").mkdir()
+    pods = PodNames(str(tmp_path))
+    owner = owner_of(f"0::/kubepods.slice/kubepods-pod{U_}.slice/cri-containerd-{CID}.scope\n")
+    assert owner_fields(owner, pods, now=0.0) == {
+        "orchestrator.type": "kubernetes", "orchestrator.resource.type": "pod", "orchestrator.resource.id": UID,
+        "orchestrator.namespace": "ml-team-a", "orchestrator.resource.name": "trainer-7f9c"}
+    assert PodNames(str(tmp_path / "absent")).lookup(UID, 0.0) == (None, None)
+    slurm = owner_of("0::/system.slice/slurmstepd.scope/job_7/step_batch/user/task_0\n")
+    assert owner_fields(slurm, None, 0.0) == {"orchestrator.type": "slurm", "orchestrator.resource.type": "job",
+                                              "orchestrator.resource.id": "7", "gpusentry.owner.step": "batch"}
+
+
+def test_process_events_carry_their_owner_into_the_incident():
+    from detectors.engine import Engine
+    from detectors.examples import proc
+    from gpusentry import contract as c
+
+    ev = proc("/tmp/x/xmrig -o stratum+tcp://pool.example.net:3333 -u 4AbC --donate-level 1", pid=31337)
+    ev["orchestrator"] = {"type": "kubernetes", "namespace": "ml-team-a",
+                          "resource": {"type": "pod", "name": "trainer-7f9c", "id": UID}}
+    [alert] = Engine(strict=True).process(c.validate_or_raise(ev))
+    assert alert["orchestrator"]["namespace"] == "ml-team-a"
+    assert alert["orchestrator"]["resource"]["name"] == "trainer-7f9c"
+
+
+def test_procfs_reads_the_owner_from_the_same_cgroup_text_as_the_container_id():
+    import os
+
+    from agents.procfs import ProcFS
+
+    fs = ProcFS()
+    text = fs.cgroup(os.getpid())
+    info = fs.process(os.getpid())
+    assert text and info is not None
+    assert info.owner == owner_of(text) and info.container_id == fs.container_id(os.getpid(), text)

@@ -173,4 +173,16 @@ def process_fields(event: Mapping[str, Any]) -> dict[str, Any]:
     return {"process.pid": p.get("pid"), "process.name": p.get("name"), "process.executable": p.get("executable"),
             "process.command_line": redact(p.get("command_line")), "process.parent.pid": parent.get("pid"),
             "process.parent.name": parent.get("name"), "user.name": (event.get("user") or {}).get("name"),
-            "container.id": (event.get("container") or {}).get("id")}
+            "container.id": (event.get("container") or {}).get("id"),
+            **{f"orchestrator.{k}": v for k, v in _owner(event).items()}}
+
+
+def _owner(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The process's scheduler owner (``orchestrator.*``), flattened: the incident carries who to charge."""
+    o = event.get("orchestrator")
+    if not isinstance(o, dict):
+        return {}
+    res = o["resource"] if isinstance(o.get("resource"), dict) else {}
+    out = {k: o.get(k) for k in ("type", "namespace") if isinstance(o.get(k), str)}
+    out.update({f"resource.{k}": res.get(k) for k in ("type", "name", "id") if isinstance(res.get(k), str)})
+    return out

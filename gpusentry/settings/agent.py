@@ -65,6 +65,9 @@ class AgentSettings(Section):
         "/var/lib/docker", description="Docker's state directory: container names and images are read from "
         "`containers/<id>/config.v2.json` for `container.name`/`container.image.name` (sandbox recognition). "
         "Mount it read-only into the agent's container; unset or unreadable: names are left out.")
+    pod_logs_dir: str | None = Field(
+        "/var/log/pods", description="The kubelet's pod log directory (`<namespace>_<pod>_<uid>/`): pod names and "
+        "namespaces for `orchestrator.*` of processes whose cgroup names a pod. Mount it read-only; unset: UIDs only.")
     nvml_retry_s: float = Field(
         30.0, gt=0, description="After the NVIDIA driver went away (restart, upgrade), try NVML again this often.")
 
