@@ -147,8 +147,10 @@ def incident_rows(loaded: Loaded, verdicts: Mapping[str, list[dict[str, Any]]] |
         rows.append({
             "incident_id": key, "host": host,
             "namespace": str(get(alert, "orchestrator.namespace") or UNATTRIBUTED),
-            "pod": str(get(alert, "orchestrator.resource.name") or ""),
-            "job": str(get(alert, "gpusentry.owner.job_id") or ""),
+            "pod": str(get(alert, "orchestrator.resource.name") or "")
+            if get(alert, "orchestrator.resource.type") == "pod" else "",
+            "job": str(get(alert, "orchestrator.resource.id") or "")
+            if get(alert, "orchestrator.resource.type") == "job" else "",
             "user": str(get(alert, "user.name") or ""),
             "team": _first(labels, TEAM_LABELS), "cost_centre": _first(labels, COST_CENTRE_LABELS),
             "first_evidence": format_timestamp(t_first), "last_evidence": format_timestamp(t_last),
