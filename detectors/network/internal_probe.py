@@ -14,7 +14,7 @@ from detectors.examples import flow, proc
 from detectors.network._payload import decode_payload, flow_fields
 from detectors.process._cmdline import argv, basename, process_fields, redact
 from detectors.process.tunnel import context
-from detectors.sandbox._base import LineageDetector
+from detectors.sandbox._base import LineageDetector, first_in
 from detectors.sandbox._lineage import Lineage, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
 from gpusentry.knowledge import load_entries
@@ -247,12 +247,8 @@ class InternalProbe(LineageDetector):
 
     def _report(self, event: dict[str, Any], state: ProbeState, ts: float, message: str, severity: str,
                 key: str) -> list[Finding]:
-        last = state.reported.get(key)
-        if last is not None and 0 <= ts - last < REPEAT_S:
+        if not first_in(state.reported, key, ts, REPEAT_S):
             return []
-        if len(state.reported) >= 1024:
-            state.reported = {k: v for k, v in state.reported.items() if ts - v < REPEAT_S}
-        state.reported[key] = ts
         me = state.lineage.of_pid(get(event, "process.pid"))
         where, sandbox_fields = context(me, None)
         if where is not None:

@@ -12,7 +12,7 @@ from detectors.base import Example, Finding, Signal
 from detectors.examples import dns, flow, proc
 from detectors.network._payload import decode_payload, flow_fields
 from detectors.process.tunnel import context
-from detectors.sandbox._base import LineageDetector
+from detectors.sandbox._base import LineageDetector, first_in
 from detectors.sandbox._lineage import Lineage, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
 from gpusentry.knowledge import load_entries
@@ -25,7 +25,6 @@ SSH_BANNERS = (b"SSH-2.0-", b"SSH-1.99-")
 CHISEL_SUBPROTOCOL = b"sec-websocket-protocol: chisel-"
 SSH_CLIENTS = frozenset({"ssh", "scp", "sftp", "autossh", "dbclient", "plink", "rsync", "sshpass", "mosh-client"})
 REPEAT_S = 3600.0
-MAX_REPORTED = 1024
 
 
 @lru_cache(maxsize=4)
@@ -158,12 +157,8 @@ class TunnelWire(LineageDetector):
 
     def _report(self, event: dict[str, Any], state: WireState, ts: float, message: str, severity: str, *,
                 key: str, pid: Any = None) -> list[Finding]:
-        last = state.reported.get(key)
-        if last is not None and 0 <= ts - last < REPEAT_S:
+        if not first_in(state.reported, key, ts, REPEAT_S):
             return []
-        if len(state.reported) >= MAX_REPORTED:
-            state.reported = {k: v for k, v in state.reported.items() if ts - v < REPEAT_S}
-        state.reported[key] = ts
         p = as_dict(event.get("process"))
         me = state.lineage.of_pid(pid if pid is not None else p.get("pid"))
         where, sandbox_fields = context(me, None)
