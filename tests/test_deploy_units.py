@@ -52,3 +52,15 @@ def test_unit_is_hardened(unit):
 
 def test_every_long_running_command_has_a_unit():
     assert {u.stem for u in UNITS} == {"gpusentry-agent", "gpusentry-worker", "gpusentry-forwarder"}
+
+
+def test_compose_forwarder_runs_only_with_outputs_and_the_external_listener_is_configurable():
+    import yaml
+
+    compose = yaml.safe_load((UNITS[0].parent.parent / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["forwarder"]["profiles"] == ["outputs"], "no restart loop when no output is enabled"
+    assert "profiles" not in services["worker"] and "profiles" not in services["kafka"]
+    listeners = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert "EXTERNAL://${KAFKA_EXTERNAL_HOST:-localhost}:9094" in listeners
+    assert services["worker"]["command"] == ["worker", "--create-topics"]
