@@ -173,7 +173,8 @@ def simulate(
 @app.command()
 def replay(
     files: Annotated[list[Path], typer.Argument(help="JSONL or .jsonl.gz event files (one event per line), or "
-                                                "pcap/pcapng captures.", exists=True, dir_okay=False, readable=True)],
+                                                "pcap/pcapng captures. A file that cannot be read is named and "
+                                                "skipped (exit 1); the others are replayed.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write alerts here (JSONL); default stdout.")] = None,
     strict: Annotated[bool, typer.Option(help="Exit 4 when any line was rejected.")] = False,
     host: Annotated[str | None, typer.Option(help="host.name of events made from captures (default: the file "

@@ -70,10 +70,29 @@ def open_text(path: Path) -> IO[bytes]:
     return raw
 
 
+class NotJsonl(OSError):
+    """A file that is neither JSON lines nor a capture: refused whole, not read as thousands of bad lines."""
+
+
+def _looks_binary(head: bytes) -> bool:
+    if b"\0" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start < len(head) - 4  # not just a character cut at the end of the sample
+    return False
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
     """Yield (line number, event or reject) for each non-blank line."""
     loads, validate, not_json, dotted = orjson.loads, validate_event, RejectCode.NOT_JSON, may_have_dotted_keys
     with open_text(path) as fh:
+        head = fh.peek(4096)[:4096] if hasattr(fh, "peek") else b""
+        if _looks_binary(head):
+            raise NotJsonl(f"binary content, neither JSON lines (one event per line, optionally gzip) nor a "
+                           f"pcap/pcapng capture (starts with {head[:8].hex()}); give the agent's JSONL output or a "
+                           f"capture")
         for lineno, line in enumerate(fh, 1):
             try:
                 obj = loads(line)

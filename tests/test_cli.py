@@ -65,9 +65,9 @@ def test_replay_reports_bad_lines_with_numbers_and_goes_on(tmp_path):
     assert strict.exit_code == 4
 
 
-def test_replay_missing_file_is_a_usage_error(tmp_path):
+def test_replay_missing_file_is_named_and_exits_1(tmp_path):
     result = runner.invoke(app, ["replay", str(tmp_path / "missing.jsonl")])
-    assert result.exit_code == 2
+    assert result.exit_code == 1 and "missing.jsonl: cannot be read" in result.output
 
 
 def test_json_logs_are_one_valid_ecs_object_per_line(tmp_path):
@@ -97,3 +97,22 @@ def test_json_logs_are_one_valid_ecs_object_per_line(tmp_path):
         rec = logging.LogRecord("g", logging.ERROR, __file__, 1, "failed", (), __import__("sys").exc_info())
     doc = orjson.loads(EcsJsonFormatter("g").format(rec))
     assert doc["error.type"] == "ValueError" and "boom" in doc["error.stack_trace"]
+
+
+def test_replay_names_unreadable_and_binary_files_and_replays_the_rest(tmp_path):
+    import subprocess
+    import sys as _sys
+
+    from detectors.examples import proc
+
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(orjson.dumps(proc("/tmp/x/xmrig -o stratum+tcp://pool.example.net:3333 -u 4AbC")) + b"\n")
+    binary = tmp_path / "core.dump"
+    binary.write_bytes(bytes(range(256)) * 40)
+    r = subprocess.run([_sys.executable, "-m", "gpusentry.cli", "replay", str(binary), str(tmp_path / "gone.jsonl"),
+                        str(good)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "core.dump: cannot be read: binary content" in r.stderr and "rejected:" not in r.stderr, \
+        "refused whole, not read as hundreds of bad lines"
+    assert "gone.jsonl: cannot be read" in r.stderr and "2 file(s) unreadable" in r.stderr
+    assert orjson.loads(r.stdout.splitlines()[0])["gpusentry"]["alert"]["severity"] in ("high", "critical")
