@@ -179,18 +179,22 @@ class Agent:
         return next((s for s in self.sinks if isinstance(s, KafkaSink)), None)
 
 
-def run_agent(cfg: Config, outputs: list[str] | None = None, cycles: int | None = None) -> None:
-    """``gpusentry agent``: run until SIGTERM / Ctrl-C, then flush what can be flushed."""
+def run_agent(cfg: Config, outputs: list[str] | None = None, cycles: int | None = None) -> int:
+    """``gpusentry agent``: run until SIGTERM / Ctrl-C, then flush what can be flushed.  Returns the exit
+    code: 0 (done, or stopped by SIGTERM as a service manager stops it), 130 after Ctrl-C (SIGINT)."""
     import signal
 
     agent = Agent(cfg, outputs=outputs)
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    code = 0
     try:
         agent.start()
         agent.run(cycles)
     except KeyboardInterrupt:
         log.info("interrupted; flushing")
+        code = 130
     finally:
         agent.close()
         signal.signal(signal.SIGTERM, previous)
+    return code

@@ -119,9 +119,10 @@ def agent(
             cfg.agent.interval_s = interval
         if output:
             cfg.agent.outputs = output
-        run_agent(cfg, cycles=cycles)
+        code = run_agent(cfg, cycles=cycles)
     except (AgentError, ValueError) as exc:
         fail(str(exc), EXIT_USAGE)
+    raise typer.Exit(code)
 
 
 @app.command()

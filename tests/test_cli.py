@@ -116,3 +116,21 @@ def test_replay_names_unreadable_and_binary_files_and_replays_the_rest(tmp_path)
         "refused whole, not read as hundreds of bad lines"
     assert "gone.jsonl: cannot be read" in r.stderr and "2 file(s) unreadable" in r.stderr
     assert orjson.loads(r.stdout.splitlines()[0])["gpusentry"]["alert"]["severity"] in ("high", "critical")
+
+
+def test_ctrl_c_makes_the_agent_exit_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys as _sys
+    import time as _time
+
+    p = subprocess.Popen([_sys.executable, "-m", "gpusentry.cli", "agent", "--output", "stdout", "--interval", "0.5"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")})
+    deadline = _time.monotonic() + 30
+    seen = b""
+    while b"every 0.5 s" not in seen and _time.monotonic() < deadline:  # the agent's start-up line
+        seen += p.stderr.readline()
+    p.send_signal(signal.SIGINT)
+    assert p.wait(30) == 130, seen
