@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from gpusentry.knowledge import load_entries
 from gpusentry.settings.detection import PricingSettings
 
 PRICES_FILE = Path(__file__).resolve().parent / "data" / "gpu_prices.toml"
@@ -84,8 +85,6 @@ def _quote(prices: PriceList, gpu_name: str) -> Quote | None:
 
 
 def _table(path: Path) -> tuple[ModelPrice, ...]:
-    from gpusentry.knowledge import load_entries  # the shared loader of knowledge files
-
     entries = load_entries(path, "model", required={"id": str, "names": list, "gpu_hour": (int, float)},
                            optional={"mig_slices": int})
     return tuple(ModelPrice(e["id"], tuple(normalise(n) for n in e["names"]), float(e["gpu_hour"]),

@@ -10,7 +10,6 @@ rows sorted, amounts rounded to fixed places, charts written without dates or ra
 
 from __future__ import annotations
 
-import gzip
 import html
 import io
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,10 +19,10 @@ from typing import Any
 
 import orjson
 
+from detectors.base import SEVERITIES
 from gpusentry.contract import Dataset, as_dict, get
 from gpusentry.timefmt import format_timestamp, parse_timestamp
 
-SEVERITIES = ("low", "medium", "high", "critical")
 GROUPS = ("incident", "host", "namespace", "team", "cost-centre", "gpu-model", "day", "month")
 FORMATS = ("csv", "json", "html")
 SUM_COLUMNS = ("incidents", "busy_gpu_hours", "energy_kwh", "compute", "energy", "total", "unpriced_gpu_hours")
@@ -45,14 +44,17 @@ class Loaded:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    from gpusentry.replay import open_text  # plain or gzip, told by the magic bytes, as replay reads
+
     try:
-        with opener(path, "rb") as fh:
-            head = fh.read(2)
-            if head and head[:1] not in (b"{", b" ", b"\n", b"\t", b"\r"):
-                raise ReportError(f"{path}: not a JSONL file of alerts (it starts with {head!r}); give the "
+        with open_text(path) as fh:
+            first = fh.readline()
+            if first and first[:1] not in (b"{", b" ", b"\n", b"\t", b"\r"):
+                raise ReportError(f"{path}: not a JSONL file of alerts (it starts with {first[:2]!r}); give the "
                                   "incidents file of `gpusentry up`/the worker or the output of `gpusentry replay`")
-            yield from (head + fh.readline(), *fh) if head else ()
+            if first:
+                yield first
+            yield from fh  # streamed: a month of updates is hundreds of MiB
     except OSError as exc:
         raise ReportError(f"{path}: cannot read ({exc.strerror or exc}); check the path") from None
 
