@@ -21,10 +21,12 @@ from agents.metrics import AgentMetrics
 from agents.network import NetworkCollector
 from agents.process import ProcessCollector
 from agents.procfs import ContainerNames, ExecutableHasher, ProcFS
+from agents.scheduler import SchedulerView, SourceError, build_source
 from agents.sinks import JsonlSink, KafkaSink, Sink, StdoutSink
 from agents.spool import Spool
 from gpusentry.config import Config
 from gpusentry.contract import Dataset
+from gpusentry.settings.agent import AgentSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,21 @@ class Collector(Protocol):
 
 class AgentError(RuntimeError):
     """The agent cannot start as configured; the message names the fix."""
+
+
+def scheduler_view(settings: AgentSettings, pods: PodNames, host_name: str) -> SchedulerView | None:
+    """The view of the configured scheduler (``[agent.scheduler]``), or None: ownership is then judged by
+    allowlist and learned jobs."""
+    sched = settings.scheduler
+    try:
+        source = build_source(sched, docker_root=settings.docker_root, pods=pods, node=host_name)
+    except SourceError as exc:
+        raise AgentError(str(exc)) from exc
+    if source is None:
+        log.info("scheduler: none found (mode %s); GPU ownership is judged by allowlist and learned jobs", sched.mode)
+        return None
+    log.info("scheduler: %s; its allocations decide who may use each GPU", source.name)
+    return SchedulerView(source, refresh_s=sched.refresh_s, stale_after_s=sched.stale_after_s)
 
 
 class Agent:
@@ -64,14 +81,16 @@ class Agent:
     def _build_collectors(self, nvml: ModuleType | None) -> list[Collector]:
         s = self.settings
         out: list[Collector] = []
+        pods = PodNames(s.pod_logs_dir)
         if "gpu" in s.collectors:
             out.append(GpuCollector(self.host_name, nvml=nvml, procfs=self.procfs, metrics=self.metrics,
-                                    retry_s=s.nvml_retry_s))
+                                    retry_s=s.nvml_retry_s, scheduler=scheduler_view(s, pods, self.host_name),
+                                    pods=pods))
         if "process" in s.collectors:
             hasher = ExecutableHasher(s.hash_max_bytes) if s.hash_executables else None
             out.append(ProcessCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
                                         source=s.process_source, hasher=hasher,
-                                        containers=ContainerNames(s.docker_root), pods=PodNames(s.pod_logs_dir)))
+                                        containers=ContainerNames(s.docker_root), pods=pods))
         if "network" in s.collectors:
             out.append(NetworkCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
                                         capture=s.capture, payload_bytes=s.payload_bytes,

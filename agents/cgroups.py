@@ -107,6 +107,12 @@ class PodNames:
             hit = self._names.get(pod_uid)
         return hit if hit is not None else (None, None)
 
+    def all(self, refresh: bool = False) -> dict[str, tuple[str, str]]:
+        """Every pod UID the directory names (listed again first when ``refresh``)."""
+        if refresh:
+            self._names = self._list()
+        return self._names
+
     def _list(self) -> dict[str, tuple[str, str]]:
         import os
 
@@ -139,3 +145,68 @@ def owner_fields(owner: CgroupOwner | None, pods: PodNames | None, now: float) -
     if owner.step:
         fields["gpusentry.owner.step"] = owner.step
     return fields
+
+
+_POD_DIR = re.compile(r"^(?:kubepods(?:-(?:burstable|besteffort))?-)?pod([0-9a-f_-]{36})(?:\.slice)?$")
+_WALK_DEPTH = 6
+
+
+def live_pod_uids(cgroup_root: str) -> set[str]:
+    """UIDs of the pods whose cgroup still exists (the kubelet's List also reports finished pods).
+
+    Walks the cgroup filesystem: every directory down to two levels (``--cgroup-root`` prefixes, cgroup v1's
+    controller directories), and below that only the ``kubepods`` branches."""
+    import os
+
+    found: set[str] = set()
+
+    def walk(path: str, depth: int, inside: bool = False) -> None:
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            m = _POD_DIR.match(entry.name)
+            if m:
+                found.add(m.group(1).replace("_", "-"))
+                continue  # below a pod: its containers
+            below = inside or "kubepods" in entry.name
+            if depth < _WALK_DEPTH and (depth < 2 or below):
+                walk(entry.path, depth + 1, below)
+
+    walk(cgroup_root, 0)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmJobCgroup:
+    job: str  # the number or the SLUID, as the cgroup directory names it
+    uid: int | None = None  # cgroup v1 names the user
+    devices_list: str | None = None  # cgroup v1: the job's devices.list (allowed device numbers)
+
+
+def live_slurm_jobs(cgroup_root: str) -> dict[str, SlurmJobCgroup]:
+    """The Slurm jobs that have a cgroup on this node (v2 under ``slurmstepd.scope``, v1 under ``slurm*/uid_*``)."""
+    import glob
+    import os
+
+    jobs: dict[str, SlurmJobCgroup] = {}
+    for path in glob.glob(os.path.join(glob.escape(cgroup_root), "system.slice", "slurmstepd.scope", "*")):
+        name = os.path.basename(path)
+        if name == "system" or not os.path.isdir(path):
+            continue  # slurmstepd's own processes
+        job = name[4:] if name.startswith("job_") else name
+        jobs.setdefault(job, SlurmJobCgroup(job))
+    for path in glob.glob(os.path.join(glob.escape(cgroup_root), "*", "slurm*", "uid_*", "job_*")):
+        parts = path.split(os.sep)
+        job, uid_dir, controller = parts[-1][4:], parts[-2][4:], parts[-4]
+        devices = os.path.join(path, "devices.list") if controller == "devices" else None
+        known = jobs.get(job)
+        if known is None or (devices and known.devices_list is None):
+            jobs[job] = SlurmJobCgroup(job, int(uid_dir) if uid_dir.isdigit() else None, devices)
+    return jobs

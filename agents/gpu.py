@@ -17,13 +17,16 @@ with the same functions, structs and exceptions.  How failures are handled, fiel
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from agents.cgroups import CgroupOwner, PodNames
 from agents.metrics import AgentMetrics
 from agents.procfs import ProcessInfo, ProcFS
+from agents.scheduler import Holder, SchedulerView
 from gpusentry.contract import gpu_event
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ _FIELD_ABSENT = ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_
 # Errors that mean "the driver is gone": re-initialise NVML.
 _DRIVER_GONE = ("NVMLError_Uninitialized", "NVMLError_DriverNotLoaded", "NVMLError_LibRmVersionMismatch",
                 "NVMLError_Unknown", "NVMLError_LibraryNotFound")
+_GKE_DEVICE = re.compile(r"nvidia(\d+)(?:/(gi|vgpu)(\d+))?")
 _DEVICE_GONE = ("NVMLError_GpuIsLost", "NVMLError_ResetRequired", "NVMLError_GpuNotFound")
 
 
@@ -58,6 +62,19 @@ class Device:
     lost: bool = False
     last_sample_us: int = 0  # newest process-utilization sample seen (NVML's microsecond clock)
     children: list[Device] = field(default_factory=list)
+    minor: int | None = None  # /dev/nvidiaN (whole GPUs): how GKE's device plugin names it
+    gpu_instance: int | None = None  # MIG instances: the GPU instance id (GKE's nvidia0/gi7)
+
+
+@dataclass
+class GpuHolders:
+    """What the scheduler says about one GPU in one cycle."""
+
+    source: str
+    state: str  # current | stale | unmanaged
+    age_s: float
+    holders: list[Holder]
+    judges_host_processes: bool
 
 
 def load_nvml() -> ModuleType | None:
@@ -73,7 +90,8 @@ class GpuCollector:
 
     def __init__(self, host_name: str, *, nvml: ModuleType | None = None, procfs: ProcFS | None = None,
                  metrics: AgentMetrics | None = None, retry_s: float = 30.0,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, scheduler: SchedulerView | None = None,
+                 pods: PodNames | None = None) -> None:
         self.host_name = host_name
         self.nvml = nvml if nvml is not None else load_nvml()
         self.procfs = procfs or ProcFS()
@@ -86,6 +104,9 @@ class GpuCollector:
         self._next_retry = 0.0
         self._absent_logged: set[tuple[str, str]] = set()
         self._proc_cache: dict[int, ProcessInfo] = {}
+        self.scheduler = scheduler
+        self.pods = pods
+        self._holders: dict[str, GpuHolders] = {}  # uuid -> this cycle's allocation
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -108,9 +129,14 @@ class GpuCollector:
             self._enumerate()
         except _DriverGone as exc:
             self._lost_driver(exc)
+        if self.scheduler is not None:
+            self.scheduler.start()
         return True
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
         if self.ready and self.nvml is not None:
             self.ready = False
             try:
@@ -164,6 +190,7 @@ class GpuCollector:
             dev.name = _text(self._optional(dev, "name", nv.nvmlDeviceGetName, handle))
             mode = self._optional(dev, "MIG mode", nv.nvmlDeviceGetMigMode, handle)
             dev.mig_enabled = bool(mode) and mode[0] == nv.NVML_DEVICE_MIG_ENABLE
+            dev.minor = self._optional(dev, "minor number", nv.nvmlDeviceGetMinorNumber, handle)
             devices.append(dev)
         self.devices = devices
         self.ready = True
@@ -190,6 +217,7 @@ class GpuCollector:
             child.handle = handle
             if child.name is None:
                 child.name = _text(self._optional(child, "name", nv.nvmlDeviceGetName, handle))
+                child.gpu_instance = self._optional(child, "GPU instance id", nv.nvmlDeviceGetGpuInstanceId, handle)
             children.append(child)
         parent.children = children
 
@@ -228,6 +256,8 @@ class GpuCollector:
             return []
         events: list[dict[str, Any]] = []
         try:
+            # Resolved against the MIG instances known so far (a reconfiguration shows one cycle later).
+            self._holders = self.allocations()
             for dev in self.devices:
                 if dev.lost:
                     continue
@@ -284,7 +314,73 @@ class GpuCollector:
             temperature_c=temp, sm_clock_mhz=sm_clock, mem_clock_mhz=mem_clock,
             pcie_rx_bytes_per_s=rx_kb * 1024 if rx_kb is not None else None,
             pcie_tx_bytes_per_s=tx_kb * 1024 if tx_kb is not None else None,
-            processes=processes)
+            processes=processes, allocation=self._allocation_fields(dev))
+
+    # ------------------------------------------------------------------ allocation
+
+    def _allocation_fields(self, dev: Device) -> dict[str, Any] | None:
+        held = self._holders.get(dev.uuid)
+        if held is None:
+            return None
+        return {"source": held.source, "state": held.state, "age_s": round(held.age_s, 3),
+                "judges_host_processes": held.judges_host_processes,
+                "owners": [h.to_event() for h in held.holders]}
+
+    def allocations(self) -> dict[str, GpuHolders]:
+        """This cycle's scheduler answer, per device UUID (empty without a scheduler or an answer yet)."""
+        if self.scheduler is None:
+            return {}
+        answer, state, age = self.scheduler.snapshot()
+        if answer is None:
+            return {}
+        holders: dict[str, list[Holder]] = {}
+        for device_id, hs in answer.devices.items():
+            for uuid in self.resolve(device_id):
+                known = holders.setdefault(uuid, [])
+                known.extend(h for h in hs if h not in known)
+        managed = None
+        if answer.managed is not None:
+            managed = {u for d in answer.managed for u in self.resolve(d)}
+        out = {}
+        for dev in self.devices:
+            for d in (dev, *dev.children):
+                s = state if managed is None or d.uuid in managed else "unmanaged"
+                out[d.uuid] = GpuHolders(answer.source, s, age, holders.get(d.uuid, []), answer.judges_host_processes)
+        return out
+
+    def resolve(self, device_id: str) -> list[str]:
+        """UUIDs of the devices a scheduler's device id names; a whole GPU in MIG mode stands for its instances.
+
+        ``GPU-…``/``MIG-…`` (``::N`` time-slicing replicas stripped), ``index:N`` (NVML index: Slurm, Docker),
+        ``minor:N`` (device minor number: cgroup v1 ``devices.list``), GKE's ``nvidiaN``, ``nvidiaN/giM`` and
+        ``nvidiaN/vgpuM``, and ``all``."""
+        base = device_id.split("::", 1)[0]
+        whole: list[Device] = []
+        if base == "all":
+            whole = list(self.devices)
+        elif base.startswith(("GPU-", "MIG-")):
+            for dev in self.devices:
+                if dev.uuid == base:
+                    whole = [dev]
+                    break
+                for child in dev.children:
+                    if child.uuid == base:
+                        return [child.uuid]
+        elif base.startswith("index:") and base[6:].isdigit():
+            whole = [d for d in self.devices if d.index == int(base[6:])]
+        elif base.startswith("minor:") and base[6:].isdigit():
+            whole = [d for d in self.devices if d.minor == int(base[6:])]
+        elif base.startswith("nvidia"):
+            m = _GKE_DEVICE.fullmatch(base)
+            if m:
+                whole = [d for d in self.devices if d.minor == int(m.group(1))]
+                if m.group(2) == "gi":
+                    return [c.uuid for d in whole for c in d.children if c.gpu_instance == int(m.group(3))]
+        out = []
+        for dev in whole:
+            out.append(dev.uuid)
+            out.extend(c.uuid for c in dev.children)
+        return out
 
     def _process_info(self, pid: int) -> ProcessInfo | None:
         """/proc details of a GPU process, cached while the pid keeps its start time (one read per cycle)."""
@@ -326,10 +422,30 @@ class GpuCollector:
         out = []
         for pid, used in sorted(by_pid.items()):
             info = self._process_info(pid)
-            out.append({"pid": pid, "used_memory_bytes": used, "sm_pct": sm.get(pid),
-                        "name": info.name if info else None, "executable": info.executable if info else None,
-                        "command_line": info.command_line if info else None})
+            entry: dict[str, Any] = {"pid": pid, "used_memory_bytes": used, "sm_pct": sm.get(pid),
+                     "name": info.name if info else None, "executable": info.executable if info else None,
+                     "command_line": info.command_line if info else None}
+            if info is not None and info.owner is not None:
+                entry["owner"] = self._owner(info.owner)
+            out.append(entry)
         return out
+
+    def _owner(self, owner: CgroupOwner) -> dict[str, Any]:
+        """The pod, job or container a GPU process's cgroup names (``gpu.processes[].owner``)."""
+        fields: dict[str, Any] = {"kind": owner.kind}
+        if owner.kind == "kubernetes":
+            fields["pod_uid"] = owner.pod_uid
+            if self.pods is not None:
+                namespace, pod = self.pods.lookup(owner.pod_uid, time.time())
+                if namespace:
+                    fields["namespace"], fields["pod"] = namespace, pod
+        if owner.container_id:
+            fields["container_id"] = owner.container_id
+        if owner.job_id:
+            fields["job_id"] = owner.job_id
+        if owner.step:
+            fields["step"] = owner.step
+        return fields
 
 
 def _text(value: Any) -> Any:

@@ -107,6 +107,10 @@ def agent(
                                                    show_default=False)] = None,
     cycles: Annotated[int | None, typer.Option(help="Stop after this many cycles (default: run until stopped).",
                                                show_default=False)] = None,
+    once: Annotated[bool, typer.Option("--once", help="One cycle, then exit (same as --cycles 1).")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Publish nothing: print each GPU, who the scheduler "
+                                          "says holds it, its processes with their pod/job, and the verdict.")]
+        = False,
 ) -> None:
     """Run the host agent: collect GPU, process, network and DNS events and publish them."""
     cfg = setup(config)
@@ -119,7 +123,11 @@ def agent(
             cfg.agent.interval_s = interval
         if output:
             cfg.agent.outputs = output
-        code = run_agent(cfg, cycles=cycles)
+        if explain:
+            from agents.explain import explain as explain_host
+
+            raise typer.Exit(explain_host(cfg, sys.stdout))
+        code = run_agent(cfg, cycles=1 if once else cycles)
     except (AgentError, ValueError) as exc:
         fail(str(exc), EXIT_USAGE)
     raise typer.Exit(code)

@@ -187,6 +187,7 @@ _INT = (int,)
 _NUM = (int, float)
 _LIST = (list,)
 _DICT = (dict,)
+_BOOL = (bool,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +242,20 @@ DATASET_FIELDS: dict[Dataset, tuple[FieldSpec, ...]] = {
         _o("gpu.pcie.rx_bytes_per_s", _NUM, "PCIe receive throughput."),
         _o("gpu.pcie.tx_bytes_per_s", _NUM, "PCIe transmit throughput."),
         _o("gpu.processes", _LIST, "Processes on the GPU: `pid`, `used_memory_bytes`, `sm_pct`, `name`, "
-           "`executable`, `command_line` (all but `pid` may be null)."),
+           "`executable`, `command_line` (all but `pid` may be null), and `owner` where the process's cgroup "
+           "names one: `kind` (`kubernetes`, `slurm`, `docker`), `pod_uid`, `namespace`, `pod`, `container_id`, "
+           "`job_id`, `step`."),
+        _o("gpusentry.allocation.source", _STR, "The scheduler that answered for this GPU (absent: none asked).",
+           choices=["kubernetes", "slurm", "docker"]),
+        _o("gpusentry.allocation.state", _STR, "`current`; `stale` (the scheduler stopped answering, or part of "
+           "its answer is missing); `unmanaged` (a GPU the scheduler does not manage).",
+           choices=["current", "stale", "unmanaged"]),
+        _o("gpusentry.allocation.age_s", _NUM, "Seconds since the scheduler's answer was read."),
+        _o("gpusentry.allocation.judges_host_processes", _BOOL, "Whether a process outside every pod/job is "
+           "outside the allocation (Kubernetes, Slurm) or ordinary (Docker)."),
+        _o("gpusentry.allocation.owners", _LIST, "Who holds the GPU (empty: nobody): objects with `kind` and, as "
+           "the scheduler knows them, `namespace`, `pod`, `pod_uid`, `container`, `container_id`, `job_id`, "
+           "`job_name`, `user`, `resource`."),
         _f("gpusentry.gpu.status", _STR, "`lost` when the GPU stopped answering (its metrics are then null); "
            "absent otherwise.", required=False, nullable=True, choices=["lost"]),
     ),
@@ -397,6 +411,12 @@ def _check_gpu(event: Mapping[str, Any]) -> tuple[RejectCode, str] | None:
         pid = proc.get("pid")
         if isinstance(pid, bool) or not isinstance(pid, int):
             return RejectCode.WRONG_TYPE, f"gpu.processes[{i}].pid must be an integer"
+        owner = proc.get("owner")
+        if owner is not None and not isinstance(owner, dict):
+            return RejectCode.WRONG_TYPE, f"gpu.processes[{i}].owner must be an object"
+    for i, holder in enumerate(get(event, "gpusentry.allocation.owners") or ()):
+        if not isinstance(holder, dict):
+            return RejectCode.WRONG_TYPE, f"gpusentry.allocation.owners[{i}] must be an object"
     return None
 
 
@@ -485,7 +505,13 @@ def _compile_fast_check(dataset: Dataset) -> Callable[[dict[str, Any]], bool]:
         code += [f"    procs = {nodes[('gpu',)]}.get('processes')",
                  "    if procs:",
                  "        for p in procs:",
-                 "            if type(p) is not dict or type(p.get('pid')) is not int: return False"]
+                 "            if type(p) is not dict or type(p.get('pid')) is not int: return False",
+                 "            o = p.get('owner')",
+                 "            if o is not None and type(o) is not dict: return False",
+                 f"    holders = {nodes[('gpusentry', 'allocation')]}.get('owners')",
+                 "    if holders:",
+                 "        for h in holders:",
+                 "            if type(h) is not dict: return False"]
     code += ["    meta = event['event']",
              "    if not meta['id'] or not event['host']['name'] or meta['kind'] != KIND: return False",
              "    try:", "        parse_timestamp(event['@timestamp'])", "    except ValueError:", "        return False",
@@ -603,10 +629,13 @@ def gpu_event(host_name: str, timestamp: float | str, *, index: int, uuid: str, 
               power_limit_watts: float | None = None, temperature_c: float | None = None,
               sm_clock_mhz: float | None = None, mem_clock_mhz: float | None = None,
               pcie_rx_bytes_per_s: float | None = None, pcie_tx_bytes_per_s: float | None = None,
-              processes: list[dict[str, Any]] | None = None, event_id: str | None = None) -> dict[str, Any]:
-    """One GPU sample.  ``processes`` entries: pid, used_memory_bytes, sm_pct, name, executable, command_line."""
+              processes: list[dict[str, Any]] | None = None, allocation: Mapping[str, Any] | None = None,
+              event_id: str | None = None) -> dict[str, Any]:
+    """One GPU sample.  ``processes`` entries: pid, used_memory_bytes, sm_pct, name, executable, command_line and
+    optionally owner; ``allocation``: the scheduler's answer for this GPU (``gpusentry.allocation.*``)."""
     procs = [gpu_process(**p) for p in processes or ()]
-    return make_event(Dataset.GPU, host_name, timestamp, {
+    extra = {f"gpusentry.allocation.{k}": v for k, v in allocation.items()} if allocation else {}
+    return make_event(Dataset.GPU, host_name, timestamp, {**extra,
         "gpu.index": index, "gpu.uuid": uuid, "gpu.name": name,
         "gpu.utilization.gpu_pct": gpu_pct, "gpu.utilization.memory_pct": memory_pct,
         "gpu.memory.used_bytes": memory_used_bytes, "gpu.memory.total_bytes": memory_total_bytes,
@@ -619,9 +648,12 @@ def gpu_event(host_name: str, timestamp: float | str, *, index: int, uuid: str, 
 
 def gpu_process(pid: int, used_memory_bytes: int | None = None, sm_pct: float | None = None,
                 name: str | None = None, executable: str | None = None,
-                command_line: str | None = None) -> dict[str, Any]:
-    return {"pid": pid, "used_memory_bytes": used_memory_bytes, "sm_pct": sm_pct, "name": name,
-            "executable": executable, "command_line": command_line}
+                command_line: str | None = None, owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"pid": pid, "used_memory_bytes": used_memory_bytes, "sm_pct": sm_pct, "name": name,
+             "executable": executable, "command_line": command_line}
+    if owner:
+        entry["owner"] = dict(owner)
+    return entry
 
 
 def process_event(host_name: str, timestamp: float | str, *, action: str, pid: int, name: str,

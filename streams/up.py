@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from rich.text import Text
 from gpusentry.broker import EmbeddedBroker, create_topics, die_with_parent
 from gpusentry.config import Config
 from gpusentry.contract import get
+from gpusentry.terminal import CONTROL, shown
 
 DEMO_HOST = "sim-demo-gpu-01"
 DEMO_SCENARIO = "miner-blatant"
@@ -115,13 +115,6 @@ def _decode_alert(value: bytes) -> dict[str, Any] | None:
     return alert if isinstance(alert, dict) else None
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def shown(value: Any) -> Text:
-    """A host-supplied value for the terminal: plain text (no markup), and control characters written
-    as ``\\xNN`` so an escape sequence in a command line cannot move the cursor or recolour the view."""
-    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
 
 
 def incident_row(alert: dict[str, Any]) -> list[Text]:
@@ -138,7 +131,7 @@ def incident_row(alert: dict[str, Any]) -> list[Text]:
     signals = get(alert, "gpusentry.alert.signals")
     signals = signals if isinstance(signals, list) else []
     return [shown(alert.get("@timestamp", "")), shown(get(alert, "host.name", "")),
-            Text(_CONTROL.sub("?", severity), style=SEVERITY_STYLE.get(severity, "")),
+            Text(CONTROL.sub("?", severity), style=SEVERITY_STYLE.get(severity, "")),
             shown(get(alert, "gpusentry.alert.status", "")),
             shown(f"{get(alert, 'gpusentry.alert.evidence_count', 0)}: {', '.join(map(str, signals))}"), Text(money),
             shown(alert.get("message", ""))]

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from gpusentry.contract import MAX_PAYLOAD_BYTES
 from gpusentry.settings.base import Section
+from gpusentry.settings.scheduler import SchedulerSettings
 
 CollectorName = Literal["gpu", "process", "network"]
 
@@ -68,6 +69,8 @@ class AgentSettings(Section):
     pod_logs_dir: str | None = Field(
         "/var/log/pods", description="The kubelet's pod log directory (`<namespace>_<pod>_<uid>/`): pod names and "
         "namespaces for `orchestrator.*` of processes whose cgroup names a pod. Mount it read-only; unset: UIDs only.")
+    scheduler: SchedulerSettings = Field(
+        default_factory=SchedulerSettings, description="Who was allocated which GPU: Kubernetes, Slurm, Docker.")
     nvml_retry_s: float = Field(
         30.0, gt=0, description="After the NVIDIA driver went away (restart, upgrade), try NVML again this often.")
 

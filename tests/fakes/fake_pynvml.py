@@ -67,6 +67,8 @@ class FakeGpu:
     mig_capable: bool = False
     mig_enabled: bool = False
     mig_slots: list[FakeGpu | None] = field(default_factory=list)
+    minor: int | None = None  # /dev/nvidiaN; None: the GPU's position in the fake's list
+    gpu_instance_id: int | None = None  # MIG instances: the GPU instance id (GKE's nvidia0/gi7)
 
 
 class FakeHandle:
@@ -295,6 +297,19 @@ class FakeNvml:
             assert child is not None
             return FakeHandle(child, lib.generation, parent=gpu)
 
+        def nvmlDeviceGetMinorNumber(device: Any) -> int:
+            gpu = lib._gpu(device, "nvmlDeviceGetMinorNumber")
+            if device.parent is not None:
+                lib._raise(_real.NVML_ERROR_NOT_SUPPORTED)  # MIG instances have no /dev/nvidiaN of their own
+            return gpu.minor if gpu.minor is not None else lib.gpus.index(gpu)
+
+        def nvmlDeviceGetGpuInstanceId(device: Any) -> int:
+            gpu = lib._gpu(device, "nvmlDeviceGetGpuInstanceId")
+            if device.parent is None or gpu.gpu_instance_id is None:
+                lib._raise(_real.NVML_ERROR_INVALID_ARGUMENT)
+            assert gpu.gpu_instance_id is not None
+            return gpu.gpu_instance_id
+
         def nvmlDeviceIsMigDeviceHandle(device: Any) -> int:
             lib._gpu(device, "nvmlDeviceIsMigDeviceHandle")
             return int(device.parent is not None)
@@ -315,6 +330,6 @@ def mig_gpu(uuid: str, instances: int, *, name: str = "NVIDIA A100-SXM4-80GB") -
     """A MIG-enabled GPU with ``instances`` instances in the first slots."""
     slots: list[FakeGpu | None] = [
         FakeGpu(uuid=f"MIG-{uuid[4:]}-{i}", name=f"{name} MIG 1g.10gb", memory_total=10 * 1024**3,
-                unsupported=set(MIG_INSTANCE_UNSUPPORTED))
+                unsupported=set(MIG_INSTANCE_UNSUPPORTED), gpu_instance_id=7 + i)
         for i in range(instances)]
     return FakeGpu(uuid=uuid, name=name, mig_capable=True, mig_enabled=True, mig_slots=slots)
