@@ -16,7 +16,8 @@ what the GPU models catch without the rules.  Time to detect (TTD) runs from the
 event to the alert's event time.
 
 Targets: every hijack detected at high or critical, no medium+ alert on benign hosts, median TTD
-<= 30 s and worst <= 5 min at 5 s sampling, strictly better than both baselines.
+<= 30 s and worst <= 5 min at 5 s sampling, strictly better than both baselines; agentic attacks at high
+within 60 s; allocation violations (the scheduler-aware rows) at high within 30 s.
 
     python bench/detection.py [--hosts 3] [--duration 1800] [--interval 5] [--seed 42]
 """
@@ -35,8 +36,10 @@ from gpusentry.simulate.evaluate import HostResult, median, run_scenarios, summa
 
 START = 1_793_491_200.0  # 2026-11-01T00:00:00Z
 GROUP_TITLES = {"fleet": "GPU fleet: classic hijacks and their look-alikes",
-                "agentic": "agentic RL cluster: sandboxes beside the trainer"}
+                "agentic": "agentic RL cluster: sandboxes beside the trainer",
+                "allocation": "scheduler-aware: GPU work judged against Kubernetes/Slurm allocations"}
 AGENTIC_TTD_S = 60.0
+ALLOCATION_TTD_S = 30.0
 
 
 def fmt_s(v: float | None) -> str:
@@ -130,8 +133,16 @@ def main() -> int:
     if agentic:
         print(f"agentic rows: {a['detected']}/{a['hijack_hosts']} attacks at high or critical, worst TTD "
               f"{fmt_s(a['worst_ttd'])}, {a['false_alerts']} medium+ alerts on {a['benign_hosts']} benign hosts")
+    allocation = [r for r in full if SCENARIOS[r.label.scenario].group == "allocation"]
+    al = totals(allocation)
+    if allocation:
+        print(f"allocation rows: {al['detected']}/{al['hijack_hosts']} violations at high or critical, worst TTD "
+              f"{fmt_s(al['worst_ttd'])}, {al['false_alerts']} medium+ alerts on {al['benign_hosts']} benign hosts")
     checks = {
         "every hijack detected at high or critical": t["detected"] == t["hijack_hosts"],
+        "every allocation violation at high or critical within 30 s":
+            not allocation or (al["detected"] == al["hijack_hosts"] and (al["worst_ttd"] or 0) <= ALLOCATION_TTD_S),
+        "no medium+ alert on a benign allocation row": not allocation or al["false_alerts"] == 0,
         "every agentic attack at high or critical within 60 s":
             not agentic or (a["detected"] == a["hijack_hosts"] and (a["worst_ttd"] or 0) <= AGENTIC_TTD_S),
         "no medium+ alert on an agentic benign look-alike": not agentic or a["false_alerts"] == 0,

@@ -33,6 +33,7 @@ class Signal:
     GPU_SIGNATURE = "gpu_signature"  # a GPU behaving like a miner
     GPU_ANOMALY = "gpu_anomaly"  # a GPU behaving unlike its own normal
     GPU_UNOWNED = "gpu_unowned"  # GPU work that no known job or allowed service owns
+    ALLOCATION = "allocation"  # GPU work outside what the scheduler (Kubernetes, Slurm, Docker) allocated
     TUNNEL = "tunnel"  # remote access out of the host: SSH forwards, tunnel tools, reverse shells
     PROBING = "probing"  # reaching into the network: sweeps, control-plane ports, scanners, metadata services
     CLOCK = "clock"  # the host's clock moved in a way that could hide or freeze an incident
@@ -59,12 +60,14 @@ class Example:
     """A named example: run ``events`` through a fresh detector; ``hit`` says whether it must raise.
 
     ``settings`` is a ``[detection]`` table the example runs under (a site's bastion, say), for behaviour
-    that depends on configuration; empty means the defaults."""
+    that depends on configuration; empty means the defaults.  ``min_severity``: only findings at or above it
+    count (a negative example may then allow a low, informational finding)."""
 
     name: str
     hit: bool
     events: list[dict[str, Any]]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    min_severity: str = "low"
 
     def detector(self, cls: type[Detector]) -> Detector:
         """A fresh detector of ``cls`` configured for this example."""

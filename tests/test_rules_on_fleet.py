@@ -53,8 +53,9 @@ def test_every_hijack_is_high_or_critical_within_a_minute(outcome):
     labels, alerts = outcome
     missed, slow = [], []
     for host, label in labels.items():
-        if label.label != "hijack":
-            continue
+        kinds = {k.strip() for k in SCENARIOS[label.scenario].evidence.split(",")}
+        if label.label != "hijack" or not kinds & {"process", "network"}:
+            continue  # the scheduler-aware rows leave GPU evidence only: the gpu.* detectors judge them
         high = [a for a in alerts[host] if SEVERITIES.index(a["gpusentry"]["alert"]["severity"]) >= 2]
         if not high:
             missed.append((host, [a["gpusentry"]["alert"]["severity"] for a in alerts[host]]))

@@ -19,22 +19,39 @@ A100_UUID = "GPU-a100-0000-0000-0000-000000000000"
 def gpu(t: float, *, util: float | None, mem_pct: float | None = None, used_gib: float | None = None,
         total_gib: float = 80, power: float | None = None, limit: float | None = 400, sm: float | None = 1410,
         memclk: float | None = 1593, pcie: float | None = 0.0, procs: list[dict[str, Any]] | None = None,
-        index: int = 0, uuid: str = A100_UUID, name: str | None = A100, host: str = HOST) -> dict[str, Any]:
-    """One GPU sample at ``T0 + t``; ``procs`` entries as in :func:`gpusentry.contract.gpu_process`."""
+        index: int = 0, uuid: str = A100_UUID, name: str | None = A100, host: str = HOST,
+        allocation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One GPU sample at ``T0 + t``; ``procs`` entries as in :func:`gpusentry.contract.gpu_process`;
+    ``allocation`` as the agent reports it (:func:`allocated`)."""
     return c.gpu_event(host, T0 + t, index=index, uuid=uuid, name=name, gpu_pct=util, memory_pct=mem_pct,
                        memory_used_bytes=int(used_gib * GIB) if used_gib is not None else None,
                        memory_total_bytes=int(total_gib * GIB), power_draw_watts=power, power_limit_watts=limit,
                        temperature_c=60, sm_clock_mhz=sm, mem_clock_mhz=memclk,
                        pcie_rx_bytes_per_s=pcie / 2 if pcie is not None else None,
                        pcie_tx_bytes_per_s=pcie / 2 if pcie is not None else None, processes=procs,
-                       event_id=f"gpu-{index}-{int(t * 1000)}")
+                       allocation=allocation, event_id=f"gpu-{index}-{int(t * 1000)}")
 
 
 def gproc(pid: int, exe: str | None, *, gib: float = 4.0, sm: float | None = 95.0,
-          cmd: str | None = None) -> dict[str, Any]:
+          cmd: str | None = None, owner: dict[str, Any] | None = None) -> dict[str, Any]:
     name = exe.rsplit("/", 1)[-1][:15] if exe else None
-    return {"pid": pid, "used_memory_bytes": int(gib * GIB), "sm_pct": sm, "name": name, "executable": exe,
-            "command_line": cmd or exe}
+    return c.gpu_process(pid, int(gib * GIB), sm, name, exe, cmd or exe, owner)
+
+
+def pod(namespace: str, name: str, uid: str) -> dict[str, Any]:
+    """``gpu.processes[].owner`` of a process in a Kubernetes pod."""
+    return {"kind": "kubernetes", "pod_uid": uid, "namespace": namespace, "pod": name}
+
+
+def job(job_id: str, step: str = "0") -> dict[str, Any]:
+    """``gpu.processes[].owner`` of a process in a Slurm job step."""
+    return {"kind": "slurm", "job_id": job_id, "step": step}
+
+
+def allocated(source: str, *owners: dict[str, Any], state: str = "current") -> dict[str, Any]:
+    """``gpusentry.allocation`` of a sample: the GPU's holders as ``pod()``/``job()`` dicts (no owner: nobody)."""
+    return {"source": source, "state": state, "age_s": 1.0, "judges_host_processes": source != "docker",
+            "owners": [dict(o) for o in owners]}
 
 
 TRAINER = "/usr/bin/python3.10"
@@ -52,14 +69,14 @@ def idle(start: float, n: int, interval: float = 10.0, **kw: Any) -> list[dict[s
 
 
 def training(start: float, n: int, interval: float = 10.0, *, dip_every: int = 30, pid: int = 2000,
-             **kw: Any) -> list[dict[str, Any]]:
+             exe: str = TRAINER, owner: dict[str, Any] | None = None, **kw: Any) -> list[dict[str, Any]]:
     """PyTorch training: ~95 % busy, board nearly full, GB/s over PCIe, a checkpoint dip now and then."""
     out = []
     for i in range(n):
         dip = dip_every and i % dip_every in (dip_every - 2, dip_every - 1)
         out.append(gpu(start + i * interval, util=5 if dip else 94 + _wobble(i, 4), mem_pct=8 if dip else 45,
                        used_gib=71, power=120 if dip else 360 + _wobble(i, 20), sm=1410,
-                       pcie=3e8 if dip else 4e9, procs=[gproc(pid, TRAINER, gib=70, sm=None,
+                       pcie=3e8 if dip else 4e9, procs=[gproc(pid, exe, gib=70, sm=None, owner=owner,
                                                               cmd="python3 train.py --config llama.yaml")], **kw))
     return out
 
@@ -78,11 +95,12 @@ def shared_training(start: float, n: int, interval: float = 10.0, *, pid: int = 
 
 
 def mining(start: float, n: int, interval: float = 10.0, *, pid: int = 31337, exe: str | None = MINER_EXE,
-           limit: float = 260, extra: list[dict[str, Any]] | None = None, **kw: Any) -> list[dict[str, Any]]:
+           limit: float = 260, extra: list[dict[str, Any]] | None = None, owner: dict[str, Any] | None = None,
+           **kw: Any) -> list[dict[str, Any]]:
     """An ethash-family miner: flat 100 %, memory controller busy, 5 GiB DAG, no PCIe, power-capped."""
     return [gpu(start + i * interval, util=100, mem_pct=93 + _wobble(i, 2), used_gib=5.4, power=250 + _wobble(i, 5),
                 limit=limit, sm=1095, memclk=1593, pcie=4e3,
-                procs=[gproc(pid, exe, gib=5.3, cmd=f"{exe} -c /dev/shm/.x/c.json" if exe else None),
+                procs=[gproc(pid, exe, gib=5.3, cmd=f"{exe} -c /dev/shm/.x/c.json" if exe else None, owner=owner),
                        *(extra or [])], **kw)
             for i in range(n)]
 

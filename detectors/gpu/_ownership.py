@@ -9,6 +9,10 @@ A GPU process is *owned* when
   into use, and their descendants (a training script's dataloader workers, torchrun's ranks); or
 * its program was seen on the host's GPUs during ``learn_jobs_for_s`` after the host was first seen.
 
+Where the agent reports the scheduler's current answer for a GPU (``gpusentry.allocation``), that answer
+decides instead: a process is owned when its pod, job or container was allocated the GPU
+(:mod:`detectors.gpu._allocation`); the allowlist then only speaks for processes the scheduler cannot place.
+
 The process table remembers what process events said about each pid (parent, user, container),
 bounded, so it can be pickled into checkpoints.
 """
@@ -18,9 +22,14 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+from detectors.gpu._allocation import judge
 from detectors.gpu._window import GpuProc, Sample
+from detectors.process._cmdline import odd_hidden_dir, staging_dir
+from gpusentry.knowledge import load_entries
 from gpusentry.settings.gpu_detection import GpuDetectionSettings
 
 MAX_PROCESSES = 4096  # process-table entries kept per host (oldest dropped first)
@@ -167,6 +176,18 @@ def owned_flags(sample: Sample, allowlist: Allowlist, table: ProcessTable) -> li
     if cached is not None and cached[0] is allowlist and cached[1] is table:
         return cached[2]
     listed = sample.procs or []
+    alloc = sample.allocation
+    if alloc is not None and alloc.decides:
+        # The scheduler's truth replaces the allowlist; the allowlist only speaks where the scheduler cannot.
+        flags = []
+        for p in listed:
+            verdict = judge(alloc, p.owner)[0]
+            if verdict is None:
+                info = table.procs.get(p.pid)
+                verdict = allowlist.allows(p, info) or ordinary_launcher(p, info)
+            flags.append(verdict)
+        sample.owned = (allowlist, table, flags)
+        return flags
     # A GPU's unchanged process list (read_sample reuses the parsed list) with an unchanged
     # process table has the verdicts it had on the last sample.
     memo = table.verdicts.get(sample.uuid)
@@ -174,12 +195,39 @@ def owned_flags(sample: Sample, allowlist: Allowlist, table: ProcessTable) -> li
         flags = memo[3]
     else:
         procs = table.procs
-        flags = [allowlist.allows(p, procs.get(p.pid)) for p in listed]
+        # An interpreter or launcher from an ordinary path counts as owned work for the behaviour models, as an
+        # allowlisted interpreter does: without a scheduler nothing better is known (gpu.unowned_process still
+        # notes it, low, and a second process beside it is still high).
+        flags = [allowlist.allows(p, info) or ordinary_launcher(p, info) for p in listed
+                 for info in (procs.get(p.pid),)]
         if len(table.verdicts) >= MAX_PROCESSES:
             table.verdicts.clear()
         table.verdicts[sample.uuid] = (allowlist, listed, table.version, flags)
     sample.owned = (allowlist, table, flags)
     return flags
+
+
+LAUNCHERS_FILE = Path(__file__).with_name("launchers.toml")
+
+
+@lru_cache(maxsize=4)
+def load_launchers(path: Path = LAUNCHERS_FILE) -> re.Pattern[str]:
+    """One pattern matching the basenames of interpreters and launchers ordinary GPU work runs as."""
+    entries = load_entries(path, "launcher", required={"id": str, "names": list})
+    return re.compile("|".join(fnmatch.translate(n) for e in entries for n in e["names"]))
+
+
+def ordinary_launcher(proc: GpuProc, info: ProcInfo | None) -> bool:
+    """An interpreter or job launcher (launchers.toml) run from an ordinary place: not a staging directory, not
+    an odd hidden one."""
+    exe = proc.executable or (info.executable if info else None)
+    names = [n for n in (proc.name, info.name if info else None) if n]
+    if exe:
+        if staging_dir(exe) or odd_hidden_dir(exe):
+            return False
+        names.append(exe.rsplit("/", 1)[-1])
+    pattern = load_launchers()
+    return any(pattern.match(n) for n in names)
 
 
 def program_of(proc: GpuProc, info: ProcInfo | None) -> str | None:
@@ -204,4 +252,6 @@ def process_fields(proc: GpuProc, info: ProcInfo | None) -> dict[str, Any]:
         fields["user.name"] = info.user
         fields["container.id"] = info.container
         fields["process.parent.pid"] = info.ppid
+    if proc.owner is not None:
+        fields.update(proc.owner.fields())
     return fields

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from detectors.gpu._allocation import GpuAllocation, ProcOwner, read_allocation
 from gpusentry.contract import event_time
 from gpusentry.gpuspecs import spec_for
 
@@ -37,6 +38,7 @@ class GpuProc:
     name: str | None
     executable: str | None
     command_line: str | None
+    owner: ProcOwner | None = None  # the pod, job or container its cgroup names
 
 
 @dataclass(slots=True)
@@ -63,6 +65,8 @@ class Sample:
     # the figures windows summarise (same process list, same busy or idle state, same power limit, no
     # process event since).  Detectors whose per-sample work depends only on those skip it.
     steady: bool = False
+    # The scheduler's answer for this GPU, where the agent asked one (gpusentry.allocation.*).
+    allocation: GpuAllocation | None = None
 
 
 def _num(value: Any) -> float | None:
@@ -82,15 +86,16 @@ def _procs(raw: list[Any]) -> list[GpuProc]:
         if type(pid) is not int:
             continue
         name, exe, cmd = p.get("name"), p.get("executable"), p.get("command_line")
+        owner = p.get("owner")
         out.append(GpuProc(pid, name if type(name) is str else None, exe if type(exe) is str else None,
-                           cmd if type(cmd) is str else None))
+                           cmd if type(cmd) is str else None, ProcOwner.of(owner) if owner is not None else None))
     return out
 
 
 def _procs_key(raw: list[Any]) -> list[Any]:
     """What :func:`_procs` reads of a raw process list: equal keys parse to equal lists."""
-    return [(p.get("pid"), p.get("name"), p.get("executable"), p.get("command_line")) if type(p) is dict else None
-            for p in raw]
+    return [(p.get("pid"), p.get("name"), p.get("executable"), p.get("command_line"), p.get("owner"))
+            if type(p) is dict else None for p in raw]
 
 
 _EMPTY: dict[str, Any] = {}
@@ -139,7 +144,8 @@ def read_sample(event: dict[str, Any], ts: float | None = None) -> Sample:
                   name if type(name) is str else None, gpu_pct, limit, procs, pids,
                   (gpu_pct, util.get("memory_pct"), power.get("draw_watts"), limit, clocks.get("sm_mhz"),
                    clocks.get("mem_mhz"), pcie.get("rx_bytes_per_s"), pcie.get("tx_bytes_per_s"),
-                   mem.get("used_bytes"), mem.get("total_bytes")))
+                   mem.get("used_bytes"), mem.get("total_bytes")),
+                  allocation=read_allocation(event, uuid) if "gpusentry" in event else None)
 
 
 # Order of the numbers in Sample.row (the columns of an open window).

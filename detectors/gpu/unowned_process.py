@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from detectors.base import Example, Finding, Signal
 from detectors.examples import proc
+from detectors.gpu._allocation import judge
 from detectors.gpu._base import GpuDetector
 from detectors.gpu._examples import TRAINER, gproc, idle, mining, training
 from detectors.gpu._ownership import (
@@ -15,6 +16,7 @@ from detectors.gpu._ownership import (
     ProcessTable,
     describe,
     host_process_table,
+    ordinary_launcher,
     process_fields,
     program_of,
 )
@@ -70,6 +72,9 @@ class UnownedGpuProcess(GpuDetector):
                                        t=20, pid=2001, parent="python3", parent_pid=2000)]
                 + training(30, 3, pid=2001)),
         Example("idle gpu", False, idle(0, 5)),
+        Example("job started late from a conda env the allowlist does not name (low, not medium)", False,
+                idle(0, 2) + training(20, 3, exe="/scratch/ml/miniforge3/envs/llm/bin/python3.11"),
+                min_severity="medium"),
     ]
 
     def __init__(self, settings: Any = None) -> None:
@@ -109,9 +114,12 @@ class UnownedGpuProcess(GpuDetector):
         gpu.job &= present
         had_job = bool(gpu.job)
         unowned = []
+        alloc = s.allocation if s.allocation is not None and s.allocation.decides else None
         for p in procs:
             if p.pid in gpu.job:
                 continue
+            if alloc is not None and judge(alloc, p.owner)[0] is not None:
+                continue  # the scheduler's answer decides (gpu.outside_allocation)
             info = table.get(p.pid)
             program = program_of(p, info)
             if learning and program and len(state.learned_programs) < MAX_LEARNED:
@@ -124,9 +132,16 @@ class UnownedGpuProcess(GpuDetector):
                     gpu.job.add(p.pid)  # the GPU comes into use: this is its job
                     gpu.job_program = program
                 continue
-            unowned.append((p, info))
+            launcher = not had_job and ordinary_launcher(p, info)
+            if launcher:
+                # An interpreter or launcher from an ordinary path (a conda env, a venv, a module tree) on a GPU
+                # nobody uses: most likely a job started after the learning period. Said once, low; it becomes
+                # the GPU's job, so a second process beside it is still reported high.
+                gpu.job.add(p.pid)
+                gpu.job_program = program
+            unowned.append((p, info, launcher))
         findings = []
-        for p, info in unowned:
+        for p, info, launcher in unowned:
             key = (s.uuid, p.pid)
             last = state.reported.get(key)
             if last is not None and s.ts - last < REPEAT_S:
@@ -139,6 +154,11 @@ class UnownedGpuProcess(GpuDetector):
             if not identified:  # e.g. gone before the agent could read /proc: too little to go on
                 severity = "low"
                 message = f"an unidentified process (pid {p.pid}) uses GPU {s.index}"
+            elif launcher:
+                severity = "low"
+                message = (f"{describe(p, info)} uses GPU {s.index}: an interpreter or launcher no allowlist names "
+                           "and no scheduler vouches for (add its path to [detection.gpu] allowed_executables, or "
+                           "set [agent.scheduler] so allocations decide)")
             elif gpu.job:
                 severity = "high"
                 message = (f"{describe(p, info)} shares GPU {s.index} with the job {gpu.job_program} "

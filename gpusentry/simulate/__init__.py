@@ -74,7 +74,7 @@ def plan_host(scenario: str, host: str, *, start: float, duration_s: float, inte
         raise ValueError("duration must be positive")
     spec = _spec(gpu_model or _pick(seed, host, "gpu", FLEET_GPUS))
     interval = interval_s or _pick(seed, host, "interval", INTERVALS)
-    n_gpus = gpus or _pick(seed, host, "count", (1, 2, 2, 4))
+    n_gpus = gpus or max(sc.min_gpus, _pick(seed, host, "count", (1, 2, 2, 4)))
     sim = HostSim(host, start, duration_s, interval, seed, spec, n_gpus)
     attack = sc.build(sim)
     label = HostLabel(host, sc.name, sc.label, sc.description, start + attack if attack is not None else None,

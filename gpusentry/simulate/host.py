@@ -30,6 +30,21 @@ class _Run:
     workload: Workload
 
 
+def _ecs_owner(owner: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``orchestrator.*`` of a process event, from the owner a GPU process entry carries."""
+    if not owner:
+        return None
+    fields: dict[str, Any] = {}
+    if owner["kind"] == "kubernetes":
+        fields = {"orchestrator.type": "kubernetes", "orchestrator.resource.type": "pod",
+                  "orchestrator.resource.id": owner.get("pod_uid"), "orchestrator.namespace": owner.get("namespace"),
+                  "orchestrator.resource.name": owner.get("pod")}
+    elif owner["kind"] == "slurm":
+        fields = {"orchestrator.type": "slurm", "orchestrator.resource.type": "job",
+                  "orchestrator.resource.id": owner.get("job_id"), "gpusentry.owner.step": owner.get("step")}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 class HostSim:
     def __init__(self, host: str, start: float, duration_s: float, interval_s: float, seed: int,
                  spec: GpuSpec, n_gpus: int) -> None:
@@ -47,6 +62,10 @@ class HostSim:
         self._next_pid = self.rng.randrange(2000, 30000)
         self.ip = f"10.{self.rng.randrange(0, 64)}.{self.rng.randrange(0, 256)}.{self.rng.randrange(2, 250)}"
         self.processes: dict[int, dict[str, Any]] = {}
+        # The scheduler the agent asks (kubernetes | slurm | None) and who it says holds which GPU when:
+        # (start, end, GPU index, holder as gpusentry.allocation.owners[] carries it).
+        self.scheduler: str | None = None
+        self.holdings: list[tuple[float, float, int, dict[str, Any]]] = []
 
     # ------------------------------------------------------------------ building blocks
 
@@ -73,6 +92,11 @@ class HostSim:
         for i in gpus:
             self.runs[i].append(_Run(max(0.0, start), min(self.duration_s, end), make(self.sub_rng())))
 
+    def allocate(self, start: float, end: float, gpus: range | list[int], holder: dict[str, Any]) -> None:
+        """The scheduler gives ``gpus`` to ``holder`` between two offsets."""
+        for i in gpus:
+            self.holdings.append((start, end, i, holder))
+
     def _add(self, t: float, event: dict[str, Any]) -> None:
         if 0 <= t <= self.duration_s:
             self._seq += 1
@@ -80,7 +104,8 @@ class HostSim:
 
     def spawn(self, t: float, command_line: str, *, parent: int | None = None, user: str = "ml",
               cwd: str | None = None, executable: str | None = None, name: str | None = None,
-              container: str | None = None, pid: int | None = None, args: list[str] | None = None) -> GpuProgram:
+              container: str | None = None, pid: int | None = None, args: list[str] | None = None,
+              owner: dict[str, Any] | None = None) -> GpuProgram:
         """A process start; returns the program (for a workload's NVML process entry).  ``args``: the argument
         vector when it is not the command line split on spaces (a quoted ``bash -lc '...'`` script)."""
         pid = pid or self.new_pid()
@@ -94,8 +119,8 @@ class HostSim:
             command_line=command_line, args=args, working_directory=cwd or (f"/home/{user}" if user != "root"
                                                                               else "/root"),
             start=self.start + t, parent_pid=parent, parent_name=parent_info["name"] if parent_info else None,
-            user_name=user, container_id=container, event_id=self.event_id()))
-        return GpuProgram(pid, comm, exe, command_line)
+            user_name=user, container_id=container, owner=_ecs_owner(owner), event_id=self.event_id()))
+        return GpuProgram(pid, comm, exe, command_line, owner)
 
     def exit(self, t: float, program: GpuProgram) -> None:
         info = self.processes.get(program.pid, {})
@@ -137,14 +162,23 @@ class HostSim:
                     if prog is not None:
                         procs.append({"pid": prog.pid, "used_memory_bytes": int(ld.used_bytes),
                                       "sm_pct": round(ld.util) if len(active) > 1 else None, "name": prog.name,
-                                      "executable": prog.executable, "command_line": prog.command_line})
+                                      "executable": prog.executable, "command_line": prog.command_line,
+                                      "owner": prog.owner})
                 ts = t  # one collection cycle: every GPU of the host carries the cycle's time
                 yield ts, 0, c.gpu_event(
                     self.host, self.start + ts, index=i, uuid=uuid, name=spec.product_name, gpu_pct=m["util"],
                     memory_pct=m["mem_pct"], memory_used_bytes=int(m["used"]), memory_total_bytes=total,
                     power_draw_watts=m["power"], power_limit_watts=m["limit"], temperature_c=m["temp"],
                     sm_clock_mhz=m["sm"], mem_clock_mhz=m["memclk"], pcie_rx_bytes_per_s=m["pcie"] * 0.6,
-                    pcie_tx_bytes_per_s=m["pcie"] * 0.4, processes=procs, event_id=self.event_id())
+                    pcie_tx_bytes_per_s=m["pcie"] * 0.4, processes=procs, allocation=self._allocation(t, i),
+                    event_id=self.event_id())
+
+    def _allocation(self, t: float, gpu: int) -> dict[str, Any] | None:
+        if self.scheduler is None:
+            return None
+        holders = [h for start, end, i, h in self.holdings if i == gpu and start <= t < end]
+        return {"source": self.scheduler, "state": "current", "age_s": round(t % 5.0, 3),
+                "judges_host_processes": self.scheduler != "docker", "owners": holders}
 
     def events(self) -> Iterator[dict[str, Any]]:
         """Every event of the host, in time order (discrete events before samples of the same instant)."""

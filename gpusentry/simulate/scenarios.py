@@ -47,6 +47,8 @@ class Scenario:
     # GPU signature (the job's dips gone) takes a dip period or two to show.
     evidence: str = ""
     group: str = "fleet"  # fleet (classic hijacks and their look-alikes) | agentic (agent sandboxes on RL clusters)
+    # | allocation (GPU work judged against the scheduler's allocations)
+    min_gpus: int = 1  # hosts get at least this many GPUs
 
 
 def _wallet(rng: random.Random, prefix: str = "4", length: int = 95) -> str:
@@ -404,4 +406,28 @@ SCENARIOS.update({s.name: s for s in (
              _a.agent_combined, "gpu-sharing, process, network", AGENTIC),
     Scenario("agent-intermittent", HIJACK, "short reverse tunnels that recur across episodes", _a.agent_intermittent,
              "process, network", AGENTIC),
+)})
+
+from gpusentry.simulate import allocation as _al  # noqa: E402
+
+ALLOCATION = "allocation"
+SCENARIOS.update({s.name: s for s in (
+    Scenario("pod-no-gpu-request", HIJACK, "a pod that requested no GPU mines on one, as an allowed interpreter",
+             _al.pod_without_gpu_request, "allocation", ALLOCATION, min_gpus=2),
+    Scenario("pod-on-others-gpu", HIJACK, "a pod computes on a GPU allocated to another pod",
+             _al.pod_on_another_pods_gpu, "allocation", ALLOCATION, min_gpus=2),
+    Scenario("slurm-job-escape", HIJACK, "a Slurm job's second program runs on a GPU outside its allocation",
+             _al.slurm_job_escape, "allocation", ALLOCATION, min_gpus=2),
+    Scenario("host-process-free-gpu", HIJACK, "a process outside every pod computes on a GPU nobody holds",
+             _al.host_process_on_free_gpu, "allocation", ALLOCATION, min_gpus=2),
+    Scenario("pods-own-gpus", BENIGN, "pods on their own GPUs, from a venv no allowlist names, some started late",
+             _al.pods_on_their_gpus, group=ALLOCATION),
+    Scenario("time-sliced", BENIGN, "two pods share a GPU through time-slicing", _al.time_sliced, group=ALLOCATION),
+    Scenario("mig-instances", BENIGN, "MIG instances, each held by its own pod", _al.mig_instances, group=ALLOCATION),
+    Scenario("pod-starting-up", BENIGN, "a pod's process on its GPU seconds before its allocation is read",
+             _al.pod_starting_up, group=ALLOCATION, min_gpus=2),
+    Scenario("slurm-own-gpus", BENIGN, "Slurm jobs on their own GPUs, one started half-way from a conda env",
+             _al.slurm_jobs_on_their_gpus, group=ALLOCATION),
+    Scenario("late-conda-job", BENIGN, "no scheduler: a job started late from a conda env no allowlist names",
+             _al.late_conda_job_no_scheduler, group=ALLOCATION),
 )})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpusentry.gpuspecs import GIB, GpuSpec
 
@@ -38,6 +39,7 @@ class GpuProgram:
     name: str
     executable: str
     command_line: str
+    owner: dict[str, Any] | None = None  # the pod/job its cgroup names (gpu.processes[].owner)
 
 
 def _clamp(v: float, lo: float = 0.0, hi: float = 100.0) -> float:
