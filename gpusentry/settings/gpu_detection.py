@@ -72,6 +72,10 @@ class GpuDetectionSettings(Section):
     learn_jobs_for_s: float = Field(
         0.0, ge=0, description="For this many seconds after a host is first seen, every program found on "
         "its GPUs is learned as a known job (0 = learn nothing: a miner already running would be learned).")
+    allocation_grace_s: float = Field(
+        15.0, ge=0, le=600, description="Event time a GPU process may stay outside its pod's/job's allocation, or "
+        "a GPU may stay busy with nobody holding it, before it is reported: covers pod start-up, device-plugin "
+        "lag and the agent's scheduler refresh ([agent.scheduler] refresh_s).")
     duty_cycle_min_cycles: int = Field(
         3, ge=2, description="Busy/idle cycles within `duty_cycle_horizon_s` that make an unowned GPU's use "
         "duty-cycled.")
