@@ -12,7 +12,11 @@ machine (their flows and loopback packets) do not count against the agent.  The 
 run, is the cheapest useful thing a monitor can do per cycle: list /proc and read every
 /proc/PID/stat once.  Figures are printed as absolute values and as ratios to that baseline.
 
-    python bench/agent_overhead.py [--cycles 30] [--interval 1.0]
+With ``--scheduler kubernetes`` the agent also reads a fake kubelet's PodResources API (tests/fakes/fake_kubelet.py,
+in a process of its own: eight pods, one GPU each) every ``refresh_s``, and walks a pod cgroup tree; its thread and
+gRPC's count in "other threads".
+
+    python bench/agent_overhead.py [--cycles 30] [--interval 1.0] [--scheduler kubernetes]
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +67,11 @@ AGENT_CHILD = textwrap.dedent("""
     if mode == "unprivileged":
         cfg.agent.process_source = "poll"
         cfg.agent.capture = "off"
+    if os.environ.get("BENCH_SCHEDULER"):
+        sched = json.loads(os.environ["BENCH_SCHEDULER"])
+        cfg.agent.pod_logs_dir = sched.pop("pod_logs_dir")
+        for key, value in sched.items():
+            setattr(cfg.agent.scheduler, key, value)
     outputs = ["jsonl:/dev/null"]
     if bootstrap != "-":
         cfg.kafka.bootstrap_servers = bootstrap
@@ -187,6 +195,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=30)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--no-kafka", action="store_true", help="write events to /dev/null instead of Kafka")
+    parser.add_argument("--scheduler", choices=["none", "kubernetes"], default="none",
+                        help="also read a fake kubelet's allocations (default: no scheduler)")
     args = parser.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -197,6 +207,8 @@ def main() -> None:
     helper = subprocess.Popen([sys.executable, "-c", SOCKET_HELPER, str(N_CONNECTIONS)], stdout=subprocess.PIPE,
                               text=True)
     broker = None
+    kubelet = None
+    node_dir = tempfile.TemporaryDirectory()
     try:
         assert helper.stdout is not None
         if helper.stdout.readline().strip() != "ready":
@@ -214,6 +226,10 @@ def main() -> None:
             except BrokerUnavailable as exc:
                 print(f"(no embedded broker: {exc}; events go to /dev/null)")
         env = {"BENCH_PIDS": ",".join(str(p.pid) for p in sleepers[:16]), "BENCH_SOCKET_HELPER": SOCKET_HELPER}
+        if args.scheduler == "kubernetes":
+            kubelet, env["BENCH_SCHEDULER"] = start_kubelet(Path(node_dir.name))
+            print("scheduler: kubernetes (a fake kubelet in its own process, 8 pods with one GPU each, read every "
+                  "5 s; a pod cgroup tree walked each time)")
         baseline = run_child(BASELINE_CHILD)
         print(f"baseline  bare pass over /proc ({baseline['processes']} processes): "
               f"{baseline['cpu_s'] * 1000:.2f} ms CPU, peak RSS {baseline['peak_rss_mb']:.1f} MB")
@@ -255,7 +271,30 @@ def main() -> None:
         helper.wait()
         if broker is not None:
             broker.stop()
-    time.sleep(0)
+        if kubelet is not None:
+            kubelet.kill()
+            kubelet.wait()
+        node_dir.cleanup()
+
+
+def start_kubelet(root: Path) -> tuple[subprocess.Popen[str], str]:
+    """A fake kubelet serving 8 pods (one GPU each), a pod log directory and a cgroup tree for them."""
+    pods = []
+    for i in range(N_GPUS):
+        uid = f"00000000-0000-4000-8000-{i:012d}"
+        pods.append(["bench", f"trainer-{i}", [["main", [["nvidia.com/gpu", [f"GPU-{i}"]]]]]])
+        (root / "pods" / f"bench_trainer-{i}_{uid}" / "main").mkdir(parents=True)
+        (root / "cgroup" / "kubepods.slice" / "kubepods-burstable.slice"
+         / f"kubepods-burstable-pod{uid.replace('-', '_')}.slice").mkdir(parents=True)
+    (root / "pods.json").write_text(json.dumps(pods))
+    sock = root / "kubelet.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_kubelet", str(sock), str(root / "pods.json")],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit("the fake kubelet did not start")
+    return proc, json.dumps({"mode": "kubernetes", "kubelet_socket": str(sock), "cgroup_root": str(root / "cgroup"),
+                             "pod_logs_dir": str(root / "pods")})
 
 
 if __name__ == "__main__":

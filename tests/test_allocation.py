@@ -1,5 +1,5 @@
-"""Allocation-aware ownership end to end: a fake kubelet speaking the real PodResources gRPC proto over a unix
-socket, /proc- and cgroup-shaped trees for each runtime, Slurm trees with a fake ``scontrol``, Docker state files,
+"""Allocation-aware ownership end to end: a fake kubelet (tests/fakes/fake_kubelet.py) speaking the real
+PodResources gRPC proto over a unix socket, /proc- and cgroup-shaped trees for each runtime, Slurm trees with a fake ``scontrol``, Docker state files,
 the GPU collector resolving every device-id form against a fake NVML, and the detectors' verdicts."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -30,6 +29,7 @@ from detectors.engine import Engine
 from gpusentry import contract as c
 from gpusentry.config import Config
 from gpusentry.settings.scheduler import SchedulerSettings
+from tests.fakes.fake_kubelet import FakeKubelet, serve
 from tests.fakes.fake_pynvml import FakeGpu, FakeNvml, FakeProcess, mig_gpu
 
 pytestmark = pytest.mark.allocation
@@ -42,43 +42,6 @@ UID_SHARE = "44444444-dddd-4ddd-8ddd-000000000004"
 CID = "ab12" * 16
 GPU0, GPU1, GPU2 = (f"GPU-00000000-0000-4000-8000-{i:012d}" for i in range(3))
 MIG_PARENT = "GPU-00000000-0000-4000-8000-0000000000a1"
-
-
-# ---------------------------------------------------------------------------- the fake kubelet
-
-
-class FakeKubelet(pb_grpc.PodResourcesListerServicer):
-    """``List`` and ``GetAllocatableResources`` as the kubelet answers them; ``Get`` is left to the generated base
-    class, which answers UNIMPLEMENTED as kubelets without the KubeletPodResourcesGet gate do."""
-
-    def __init__(self, pods: list[tuple[str, str, list[tuple[str, list[tuple[str, list[str]]]]]]],
-                 allocatable: list[tuple[str, list[str]]] | None) -> None:
-        self.pods = pods
-        self.allocatable = allocatable
-        self.calls = 0
-
-    def List(self, request, context):  # noqa: N802 - the gRPC method name
-        self.calls += 1
-        return pb.ListPodResourcesResponse(pod_resources=[
-            pb.PodResources(name=name, namespace=ns, containers=[
-                pb.ContainerResources(name=cname, devices=[pb.ContainerDevices(resource_name=r, device_ids=ids)
-                                                           for r, ids in devices])
-                for cname, devices in containers])
-            for ns, name, containers in self.pods])
-
-    def GetAllocatableResources(self, request, context):  # noqa: N802
-        if self.allocatable is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "unknown method GetAllocatableResources")
-        return pb.AllocatableResourcesResponse(devices=[pb.ContainerDevices(resource_name=r, device_ids=ids)
-                                                        for r, ids in self.allocatable])
-
-
-def serve(socket_path: Path, servicer: FakeKubelet) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_PodResourcesListerServicer_to_server(servicer, server)
-    assert server.add_insecure_port(f"unix://{socket_path}")
-    server.start()
-    return server
 
 
 PODS = [
