@@ -318,6 +318,42 @@ def report(
               + (f"; written to {out}" if out else ""), highlight=False, markup=False)
 
 
+@app.command()
+def waste(
+    files: Annotated[list[Path], typer.Argument(help="Event files with GPU samples (the agent's JSONL, a simulate "
+                                                "file, anything replay reads; .gz works).")],
+    by: Annotated[str, typer.Option(help="Group by: owner, namespace, user, host, gpu-model or day.")] = "owner",
+    fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here (default stdout).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """GPU time the scheduler allocated and nobody used, per owner, priced like stolen time (docs/finance.md)."""
+    from gpusentry.report import to_csv, to_json
+    from gpusentry.waste import GROUPS, WasteError, rows, tally_files
+
+    cfg = setup(config)
+    if by not in GROUPS:
+        fail(f"--by {by!r}: choose one of {', '.join(GROUPS)}", EXIT_USAGE)
+    if fmt not in ("csv", "json"):
+        fail(f"--format {fmt!r}: choose csv or json", EXIT_USAGE)
+    try:
+        t = tally_files(files, cfg.detection)
+        records = rows(t, cfg.detection, by)
+    except WasteError as exc:
+        fail(str(exc))
+    for problem in t.skipped[:10]:
+        err.print(f"skipped {problem}", highlight=False, markup=False)
+    data = to_csv(records) if fmt == "csv" else to_json(records)
+    if out is None:
+        sys.stdout.buffer.write(data)
+    else:
+        out.write_bytes(data)
+    err.print(f"{len(records)} rows from {t.samples} allocated GPU samples ({len(t.skipped)} lines skipped): "
+              f"{sum(r['idle_gpu_hours'] for r in records):,.2f} idle GPU-hours, "
+              f"{sum(r['waste'] for r in records):,.2f} {records[0]['currency'] if records else ''}"
+              + (f"; written to {out}" if out else ""), highlight=False, markup=False)
+
+
 deadletters_app = typer.Typer(help="The dead-letter topic: list what is there, deliver an output's alerts again.",
                               no_args_is_help=True)
 app.add_typer(deadletters_app, name="deadletters")
