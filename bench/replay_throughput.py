@@ -9,6 +9,8 @@ flows, pool DNS), so correlation and alerting run too.  Figures, all on one core
 * validate: baseline plus contract validation;
 * replay: ``run_replay`` end to end (read, decode, validate, every detector, correlation, alerts out);
 * no-sandbox: replay without the agent-sandbox detectors (what they cost, in the same rounds);
+* no-allocation: replay without the allocation detectors (half the hosts report their scheduler's
+  allocation on every sample, with each process's pod, as a Kubernetes node's agent does);
 * replay-60s: the same with ``[detection.gpu] window_s = 60`` (half as many model updates per GPU;
   shown for the trade-off, the target is judged on the defaults).
 
@@ -67,6 +69,11 @@ def fleet_stream(hosts: int, minutes: float, seed: int = 7) -> list[bytes]:
             lines.append((offset + 60, orjson.dumps(c.process_event(
                 host, T0 + offset + 60, action="start", pid=31337, name="kworker", executable="/dev/shm/.k/kworker",
                 command_line="kworker -o stratum+tcp://10.9.9.9:3333 -a kawpow", parent_pid=1, parent_name="sh"))))
+        scheduled = h % 2 == 1  # these hosts' agents report the kubelet's allocation (docs/scheduler.md)
+        pod = {"kind": "kubernetes", "namespace": "ml", "pod": f"trainer-{h}", "pod_uid": f"00000000-0000-4000-8000-{h:012d}"}
+        allocation = {"source": "kubernetes", "state": "current", "age_s": 2.0, "judges_host_processes": True,
+                      "owners": [{**pod, "container": "main", "resource": "nvidia.com/gpu"}]} if scheduled else None
+        owner = {**pod, "container_id": f"{h:064x}"} if scheduled else None
         while t < minutes * 60:
             ts = offset + t
             for g in range(8):
@@ -79,7 +86,8 @@ def fleet_stream(hosts: int, minutes: float, seed: int = 7) -> list[bytes]:
                     pcie_rx_bytes_per_s=2.1e9, pcie_tx_bytes_per_s=1.9e9,
                     processes=[{"pid": pid, "used_memory_bytes": int(mem_gb * 0.88 * 2**30), "sm_pct": 90,
                                 "name": "python3", "executable": "/usr/bin/python3",
-                                "command_line": "python3 train.py --epochs 90"}]))))
+                                "command_line": "python3 train.py --epochs 90", "owner": owner}],
+                    allocation=allocation))))
             if rng.random() < 0.1:
                 miner = host in hijacked and t > 60
                 payload = SUBSCRIBE if miner else b"GET /v1/models HTTP/1.1\r\nHost: api\r\n\r\n"
@@ -102,6 +110,7 @@ def fleet_stream(hosts: int, minutes: float, seed: int = 7) -> list[bytes]:
 AGENTIC = frozenset({"process.tunnel", "process.reverse_shell", "network.tunnel_wire", "network.internal_probe",
                      "sandbox.gpu_process"})
 SANDBOX_BUDGET = 0.10
+ALLOCATION = frozenset({"gpu.outside_allocation", "gpu.unallocated_use"})
 
 
 def _run(engine: Engine, events: list) -> None:  # noqa: ANN001
@@ -155,6 +164,10 @@ def main() -> None:
             engine = Engine(detectors=[cls() for cls in discover() if cls.id not in AGENTIC])
             run_replay([path], Config(), out=Path(os.devnull), engine=engine)
 
+        def without_allocation() -> None:
+            engine = Engine(detectors=[cls() for cls in discover() if cls.id not in ALLOCATION])
+            run_replay([path], Config(), out=Path(os.devnull), engine=engine)
+
         def replay_60s() -> None:
             cfg = Config()
             cfg.detection.gpu.window_s = 60.0
@@ -166,7 +179,8 @@ def main() -> None:
         runs: dict[str, list[float]] = {}
         for _ in range(args.repeat):
             for name, fn in (("baseline", baseline), ("validate", validate), ("no-gpu", rules_only),
-                             ("no-sandbox", without_agentic), ("replay", replay), ("replay-60s", replay_60s)):
+                             ("no-sandbox", without_agentic), ("no-allocation", without_allocation), ("replay", replay),
+                             ("replay-60s", replay_60s)):
                 runs.setdefault(name, []).append(timed(fn))
         results = {name: min(times) for name, times in runs.items()}
         events = [c.validate_event(orjson.loads(line)) for line in lines]
@@ -185,7 +199,7 @@ def main() -> None:
     base = results["baseline"]
     for name, secs in results.items():
         median = statistics.median(runs[name])
-        print(f"  {name:10s} {n / secs:>12,.0f} events/s   {secs / n * 1e6:7.2f} us/event   "
+        print(f"  {name:13s} {n / secs:>12,.0f} events/s   {secs / n * 1e6:7.2f} us/event   "
               f"{secs / base:6.2f}x baseline time   [{n / median:,.0f} events/s]")
     rate = n / results["replay"]
     print(f"  alerts raised per replay: {alerts[-1]}; 'no-gpu' is replay with every detector but the gpu.* ones")
@@ -198,6 +212,11 @@ def main() -> None:
     alone = sum(per_detector[rule] for rule in AGENTIC) / (results["replay"] / n)
     print(f"  the agent-sandbox detectors ({', '.join(sorted(AGENTIC))}) add {added:+.1%} to replay time "
           f"(replay against 'no-sandbox', same rounds) and {alone:.1%} measured one by one; budget "
+          f"+{SANDBOX_BUDGET:.0%}")
+    added = results["replay"] / results["no-allocation"] - 1
+    alone = sum(per_detector[rule] for rule in ALLOCATION) / (results["replay"] / n)
+    print(f"  the allocation detectors ({', '.join(sorted(ALLOCATION))}) add {added:+.1%} to replay time "
+          f"(replay against 'no-allocation', same rounds) and {alone:.1%} measured one by one; budget "
           f"+{SANDBOX_BUDGET:.0%}")
     verdict = "meets" if rate >= TARGET_EVENTS_PER_S else "MISSES"
     print(f"replay {verdict} the {TARGET_EVENTS_PER_S:,} events/s target ({rate:,.0f} events/s, "

@@ -75,7 +75,8 @@ class OutsideAllocation(GpuDetector):
     def process_parsed(self, event: dict[str, Any], s: Sample, state: AllocationState) -> Iterable[Finding]:
         alloc = s.allocation
         if alloc is None or not alloc.decides or not s.procs:
-            self._forget(state, s.uuid)
+            if state.settled or state.since:  # most hosts have no scheduler: nothing to forget, nothing to do
+                self._forget(state, s.uuid)
             return ()
         if s.steady and state.settled.get(s.uuid) is alloc:
             return ()  # the same processes under the same answer, and nothing was outside it

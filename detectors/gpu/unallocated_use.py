@@ -61,6 +61,8 @@ class UnallocatedUse(GpuDetector):
 
     def process_parsed(self, event: dict[str, Any], s: Sample, state: UnallocatedState) -> Iterable[Finding]:
         alloc = s.allocation
+        if alloc is None and not state.busy_since:
+            return ()  # the common case: no scheduler answers for this GPU
         busy = s.util is not None and s.util >= self.settings.gpu.busy_gpu_pct
         if (alloc is None or not alloc.decides or not alloc.judges_host_processes or alloc.holders or not busy):
             if state.busy_since:
