@@ -107,6 +107,12 @@ class HostIncidents:
     gpu_names: dict[str, str] = field(default_factory=dict)
     # The last resolved incident: (dedup key, last activity, episodes, first opened), for recurrence.
     previous: tuple[str, float, int, float] | None = None
+    # Incidents opened on the host so far, and the UTC day of its first event: the dedup key of the next one
+    # is derived from these, not from whichever finding happened to be processed first, so a worker catching
+    # up a backlog, a successor replaying from a snapshot and `replay` of the same events agree on it.
+    # (Class-level defaults: states pickled before these fields existed read them as 0 / None.)
+    opened: int = 0
+    epoch: str | None = None
 
 
 def incident_severity(signal_severity: Mapping[str, str]) -> str:
@@ -132,6 +138,8 @@ class Correlator:
         """``late``: the event is far behind the host's latest time; it adds evidence to an open incident but
         neither resolves one nor opens (or reopens) one."""
         alerts: list[dict[str, Any]] = []
+        if state.epoch is None:
+            state.epoch = format_timestamp(ts)[:10]  # the day of the host's first event, the keys' namespace
         inc = state.current
         is_gpu = event["event"]["dataset"] == _GPU
         if is_gpu:
@@ -164,8 +172,10 @@ class Correlator:
             key, _, episodes, first_opened = prev
             return Incident(dedup_key=key, opened_at=ts, last_evidence_at=ts, episode=episodes + 1,
                             first_opened_at=first_opened)
-        first = min(findings, key=lambda f: f.event_id)
-        digest = hashlib.sha256(f"{host}|{first.event_id}".encode()).hexdigest()[:16]
+        state.opened += 1
+        if state.epoch is None:
+            state.epoch = format_timestamp(ts)[:10]
+        digest = hashlib.sha256(f"{host}|{state.epoch}|{state.opened}".encode()).hexdigest()[:16]
         return Incident(dedup_key=f"gpusentry-{host}-{digest}"[:255], opened_at=ts, last_evidence_at=ts,
                         first_opened_at=ts)
 

@@ -14,10 +14,11 @@ logic (that is :class:`detectors.engine.Engine`).  What this module owns is deli
   alert and dead letter sent before it is acknowledged by the broker.  A killed worker therefore
   loses nothing: its successor restores the checkpoint, skips each host's input its snapshot already
   covers, and replays the rest.
-* **No doubled incident updates.**  Replaying regenerates the alerts sent between the checkpoint and
-  the kill (event time drives the engine, and an alert's ``event.id`` is a digest of its incident, status,
-  evidence count and event time).  On restore the alerts topic is read from the end offsets recorded in
-  the checkpoint, and a regenerated alert already there is not sent again.
+* **No doubled incident updates.**  Replaying regenerates the alerts a host sent after its snapshot
+  (event time drives the engine, and an alert's ``event.id`` is a digest of its incident, status,
+  evidence count and event time).  The checkpoint records where the alerts topic stood no later than the
+  oldest snapshot that will be replayed (the hosts with events after their snapshot), and on restore the
+  alerts topic is read from there: a regenerated alert already on it is not sent again.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class PartitionState:
     covered: dict[str, dict[str, int]] = field(default_factory=dict)
     snapshot_at: dict[str, float] = field(default_factory=dict)  # monotonic time of the host's snapshot
     changed: set[str] = field(default_factory=set)  # hosts with events after their snapshot
+    # Where the alerts topic stood (end offsets per partition) no later than each host's snapshot: everything
+    # the host published after its snapshot lies at or after these marks. last_marks: the latest known marks.
+    snap_marks: dict[str, dict[int, int]] = field(default_factory=dict)
+    last_marks: dict[int, int] | None = None
     # (hosts of the message, topic, offset, ack): acknowledged once a written checkpoint covers them.
     pending: list[tuple[tuple[str, ...], str, int, Callable[[], Any]]] = field(default_factory=list)
     dirty: bool = False
@@ -216,6 +221,8 @@ class Pipeline:
         part.covered[host] = dict(part.offsets)
         part.snapshot_at[host] = now
         part.changed.discard(host)
+        # The marks of the last checkpoint were read before this snapshot: a safe (early) bound for it.
+        part.snap_marks[host] = dict(part.last_marks or {})
         self._snapshot_credit -= time.perf_counter() - started
 
     async def _publish(self, alert: dict[str, Any]) -> None:
@@ -307,15 +314,21 @@ class Pipeline:
         started = time.perf_counter()
         await self._await_inflight()
         now = time.monotonic()
+        fresh = []
         for host in sorted(part.changed, key=lambda h: part.snapshot_at.get(h, -1e18)):
             # Busy hosts are snapshotted after their own messages; these went quiet since (oldest first).
             if complete or (now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s
                             and self._may_snapshot(now)):
                 self._snapshot(part, host, now)
+                fresh.append(host)
         marks = await self.io.alert_end_offsets()
+        for host in fresh:  # nothing was published since these snapshots (the lock is held): exact marks
+            part.snap_marks[host] = dict(marks)
+        part.last_marks = dict(marks)
         record = {"format": CHECKPOINT_FORMAT, "partition": part.number, "offsets": part.offsets,
-                  "hosts": part.blobs, "covered": part.covered, "alert_marks": marks, "written_at": time.time(),
-                  "worker": self.worker_id}
+                  "hosts": part.blobs, "covered": part.covered, "alert_marks": self._replay_marks(part, marks),
+                  "host_marks": {h: part.snap_marks[h] for h in part.changed if h in part.snap_marks},
+                  "written_at": time.time(), "worker": self.worker_id}
         blob = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
         if len(blob) > self.checkpoint_max_bytes:
             # Not written and nothing acknowledged: the worker goes on, but a successor would replay more.
@@ -339,6 +352,20 @@ class Pipeline:
         part.pending = waiting
         part.dirty = False
         part.last_checkpoint = time.monotonic()
+
+    @staticmethod
+    def _replay_marks(part: PartitionState, marks: dict[int, int]) -> dict[int, int]:
+        """Where a successor must start reading the alerts topic to know every update it could regenerate: the
+        hosts with events after their snapshot are replayed from it, so their updates since that snapshot may
+        already be on the topic, before the marks of this checkpoint."""
+        floor = dict(marks)
+        for host in part.changed:
+            bound = part.snap_marks.get(host)
+            if bound is None:
+                continue
+            for p, end in floor.items():
+                floor[p] = min(end, bound.get(p, 0))
+        return floor
 
     async def checkpoint_due(self, *, force: bool = False) -> int:
         """Checkpoint every partition with unsaved work whose interval has passed (all, when ``force``)."""
@@ -371,6 +398,10 @@ class Pipeline:
                 part.snapshot_at[host] = now
             part.offsets = dict(record["offsets"])
             marks = record["alert_marks"]
+            part.last_marks = dict(marks)
+            host_marks = record.get("host_marks") or {}
+            for host in part.blobs:  # a restored snapshot is as old as the marks it was written with
+                part.snap_marks[host] = dict(host_marks.get(host, marks))
             self.metrics.restores.inc()
             log.info("restored partition %d: %d hosts, offsets %s (checkpoint by %s)", number, len(part.blobs),
                      part.offsets, record.get("worker"))

@@ -13,6 +13,7 @@ from detectors.base import Signal
 from detectors.correlation import incident_severity
 from detectors.engine import Engine
 from detectors.examples import HOST, T0, dns, flow, proc
+from detectors.examples import gpu as gpu_sample
 from detectors.network.mining_pool import MiningPool
 from detectors.network.stratum import StratumPayload
 from detectors.process.miner_flags import MinerFlags
@@ -238,3 +239,39 @@ def test_docs_describe_every_emitted_field_and_nothing_stale():
     stale = sorted(p for p in table if p not in emitted and p not in optional)
     assert not stale, f"docs/alerts.md lists fields the correlator never emits: {stale}"
     assert "event.end" in emitted and "threat.technique.subtechnique.id" in emitted
+
+
+# ---------------------------------------------------------------------------- order-independent keys
+
+
+def _keys(events):
+    engine = Engine(strict=True)
+    return [a["gpusentry"]["alert"]["dedup_key"] for ev in events for a in engine.process(c.validate_or_raise(ev))]
+
+
+def test_dedup_keys_do_not_depend_on_which_topic_was_read_first():
+    """A worker reads the four topics interleaved as the broker hands them out: the miner's process start and its
+    pool connection may come in either order. The incident's key is the same either way (it used to be the hash
+    of whichever finding was processed first)."""
+    start = proc("/tmp/.x/xmrig -o stratum+tcp://pool.example:3333 -u 4Abc", t=0.0)
+    login = flow(b'{"id":1,"method":"login","params":{"login":"4Abc","agent":"XMRig/6.21.0"}}\n', t=0.4)
+    first = _keys([start, login])
+    second = _keys([login, start])
+    assert first and second and set(first) == set(second), (first, second)
+    # A second hijack on the same host after the first resolved (past the recurrence horizon) gets a new key.
+    later = 3 * 86400.0
+    again = _keys([start, login, gpu_sample(later - 100, util=0),  # a quiet sample: the first incident resolves
+                   proc("/tmp/.x/xmrig -o stratum+tcp://pool.example:3333 -u 4Abc", t=later),
+                   flow(b'{"id":1,"method":"login","params":{"login":"4Abc"}}\n', t=later + 0.4)])
+    assert len(set(again)) == 2
+
+
+def test_host_states_pickled_before_the_sequence_existed_still_load():
+    import pickle
+
+    from detectors.correlation import HostIncidents
+
+    state = HostIncidents()
+    del state.__dict__["opened"], state.__dict__["epoch"]  # what an older checkpoint holds
+    restored = pickle.loads(pickle.dumps(state))
+    assert restored.opened == 0 and restored.epoch is None

@@ -249,3 +249,34 @@ def test_the_alerts_metric_counts_updates_once_and_rules_apart():
     per_rule = sum(s.get() for s in [m._value for m in p.metrics.alert_rules._metrics.values()])
     assert total == len(published)
     assert per_rule == sum(len(a["rules"]) for a in published) and per_rule > total
+
+
+def test_a_successor_resends_nothing_published_after_an_older_host_snapshot():
+    """The checkpoint's alert marks must be as old as the oldest snapshot that will be replayed: a host snapshotted
+    early in the interval and busy since has alerts on the topic from before the checkpoint was written, which the
+    successor regenerates when it replays the host from its snapshot. They must be recognised, not sent again."""
+    values = stream(90)
+
+    async def go() -> tuple[FakeIO, Pipeline, int, int]:
+        io = FakeIO()
+        first = pipeline(io)
+        before = 0
+        for off, v in enumerate(values[:80]):
+            await first.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+            if off == 2:
+                part = first.partitions[0]
+                first._snapshot(part, HOST, 0.0)  # a snapshot after one of the host's own messages, early on
+                before = len(io.topics["alerts"])
+        await first._checkpoint(first.partitions[0])  # a regular checkpoint: the host's snapshot is still the old one
+        await io.flush()
+        sent = len(io.topics["alerts"])
+        assert sent - before >= 2, "the stream must publish updates between the snapshot and the checkpoint"
+        second = pipeline(io)
+        for off, v in enumerate(values[:80]):
+            await second.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+        await io.flush()
+        assert len(io.topics["alerts"]) == sent, "updates already on the topic were sent again"
+        return io, second, sent, before
+
+    io, second, sent, before = run(go())
+    assert sent - before >= 2 and second.stats["duplicates"] >= 2
