@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError
 
 from gpusentry.config import Config
 
@@ -24,6 +24,32 @@ log = logging.getLogger(__name__)
 # high watermark short of the last records of a multi-record batch, so the reported end alone is not
 # trusted.
 _EMPTY_POLL_MS = 250
+
+
+# Errors that mean "the broker is not there right now" (restarting, a network cut): wait and ask again.
+_TRANSIENT = (KafkaTimeoutError, KafkaConnectionError, NodeNotReadyError)
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
+
+
+async def until_answered(what: str, call: Callable[[], Awaitable[Any]], *,
+                         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> Any:
+    """``call()`` until the broker answers: a broker restart pauses the worker instead of ending it (it used to
+    exit 1 with KafkaTimeoutError about 90 s after the broker went away). Said once per outage."""
+    delay, failures = RETRY_FIRST_S, 0
+    while True:
+        try:
+            result = await call()
+        except _TRANSIENT as exc:
+            failures += 1
+            if failures == 1:
+                log.warning("broker did not answer %s (%s: %s); waiting for it, retrying every <= %.0f s",
+                            what, type(exc).__name__, exc, RETRY_MAX_S)
+            await sleep(delay)
+            delay = min(RETRY_MAX_S, delay * 2)
+            continue
+        if failures:
+            log.warning("broker answers %s again after %d failed attempt(s)", what, failures)
+        return result
 
 
 def checkpoint_topic(cfg: Config) -> str:
@@ -89,14 +115,14 @@ class KafkaClients:
 
     async def write_checkpoint(self, partition: int, blob: bytes) -> None:
         # One record per send, so a batch never holds two checkpoints (see _EMPTY_POLL_MS).
-        await self.producer.send_and_wait(self.checkpoint_topic, blob, key=str(partition).encode(),
-                                          partition=partition)
+        await until_answered("a checkpoint write", lambda: self.producer.send_and_wait(
+            self.checkpoint_topic, blob, key=str(partition).encode(), partition=partition))
 
     async def partitions(self, topic: str) -> list[int]:
         return await self._partitions(topic)
 
     async def _partitions(self, topic: str) -> list[int]:
-        parts = await self.producer.partitions_for(topic)  # fetches metadata when unknown
+        parts = await until_answered(f"the partitions of {topic}", lambda: self.producer.partitions_for(topic))
         if not parts:
             raise RuntimeError(f"topic {topic!r} does not exist; run `gpusentry worker --create-topics` once")
         return sorted(parts)
@@ -108,7 +134,7 @@ class KafkaClients:
             self.reader.assign(list(starts))
             for tp, offset in starts.items():
                 self.reader.seek(tp, offset)
-            ends = await self.reader.end_offsets(list(starts))
+            ends = await until_answered("end offsets", lambda: self.reader.end_offsets(list(starts)))
             reached = {tp for tp in starts if starts[tp] >= ends[tp]}
             while True:
                 batch = await self.reader.getmany(timeout_ms=_EMPTY_POLL_MS)
@@ -129,7 +155,7 @@ class KafkaClients:
         tp = TopicPartition(self.checkpoint_topic, partition)
         async with self._reader_lock:
             self.reader.assign([tp])
-            end = (await self.reader.end_offsets([tp]))[tp]
+            end = (await until_answered("the checkpoint's end offset", lambda: self.reader.end_offsets([tp])))[tp]
             self.reader.assign([])
         records = await self._read({tp: max(0, end - 2)})
         if not records and end > 0:
@@ -139,7 +165,7 @@ class KafkaClients:
     async def alert_end_offsets(self) -> dict[int, int]:
         tps = [TopicPartition(self.alerts_topic, p) for p in await self._partitions(self.alerts_topic)]
         async with self._reader_lock:
-            ends = await self.reader.end_offsets(tps)
+            ends = await until_answered("the alerts topic's end offsets", lambda: self.reader.end_offsets(tps))
         return {tp.partition: off for tp, off in ends.items()}
 
     async def read_alerts_since(self, marks: dict[int, int]) -> list[bytes]:

@@ -280,3 +280,35 @@ def test_a_successor_resends_nothing_published_after_an_older_host_snapshot():
 
     io, second, sent, before = run(go())
     assert sent - before >= 2 and second.stats["duplicates"] >= 2
+
+
+def test_broker_calls_wait_for_a_restarting_broker_and_say_so_once(caplog):
+    """A broker restart used to end the worker (KafkaTimeoutError from the alerts topic's end offsets, exit 1)."""
+    import logging
+
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownTopicOrPartitionError
+
+    from streams.kafka_io import until_answered
+
+    calls, slept = [], []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) <= 3:
+            raise (KafkaTimeoutError if len(calls) % 2 else KafkaConnectionError)("broker gone")
+        return {0: 42}
+
+    async def fake_sleep(s):
+        slept.append(s)
+
+    with caplog.at_level(logging.WARNING, logger="streams.kafka_io"):
+        assert run(until_answered("end offsets", flaky, sleep=fake_sleep)) == {0: 42}
+    assert len(calls) == 4 and slept == [0.5, 1.0, 2.0]
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("did not answer" in m for m in said) == 1 and sum("answers end offsets again" in m for m in said) == 1
+
+    async def broken():
+        raise UnknownTopicOrPartitionError("no such topic")
+
+    with pytest.raises(UnknownTopicOrPartitionError):  # not a broker outage: the caller decides
+        run(until_answered("end offsets", broken, sleep=fake_sleep))
