@@ -20,7 +20,7 @@ from gpusentry.config import Config
 from gpusentry.timefmt import format_timestamp
 from outputs.base import Output
 from outputs.dispatcher import Dispatcher, MemoryDeadLetterSink
-from outputs.forwarder import ForwarderError, ForwardSummary, deliver_alerts, forward
+from outputs.forwarder import BrokerUnreachable, ForwarderError, ForwardSummary, deliver_alerts, forward
 from outputs.registry import OutputConfigError, build_outputs
 from outputs.sample import sample_incident
 
@@ -53,6 +53,8 @@ def run_forward(cfg: Config) -> ForwardSummary:
 
     try:
         return asyncio.run(main())
+    except BrokerUnreachable as exc:
+        raise CommandError(str(exc), 1) from None
     except (ForwarderError, OutputConfigError) as exc:
         raise CommandError(str(exc), 2) from None
 

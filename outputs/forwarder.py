@@ -41,6 +41,10 @@ class ForwarderError(RuntimeError):
     """The forwarder cannot run (nothing to deliver to, no brokers)."""
 
 
+class BrokerUnreachable(ForwarderError):
+    """Kafka did not answer at start; nothing was consumed (exit 1: a service manager restarts it)."""
+
+
 @dataclass
 class ForwardSummary:
     messages: int = 0
@@ -77,7 +81,12 @@ async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = Non
     if not cfg.kafka.bootstrap_servers:
         raise ForwarderError("kafka.bootstrap_servers is empty: set it (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS)")
     producer = make_producer(cfg.kafka)
-    await producer.start()
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise BrokerUnreachable(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers} ({exc}); check "
+                                "kafka.bootstrap_servers and that the brokers run. Nothing was consumed") from None
     for output in outputs:
         if isinstance(output, SlackOutput) and output.settings.mode == "bot":
             await _keep_slack_threads(cfg, output, producer)

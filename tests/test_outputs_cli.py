@@ -103,3 +103,19 @@ def test_replay_deliver_sends_the_replayed_alerts(receivers, tmp_path):
     result = invoke(["replay", str(events), "--deliver"], {**env, "GPUSENTRY_OUTPUTS__WEBHOOK__MAX_ATTEMPTS": "1"},
                     tmp_path)
     assert result.exit_code == 1 and '"delivery_failed"' in result.output and "HTTP 410" in result.output
+
+
+def test_forward_with_kafka_unreachable_says_so_in_one_line_and_exits_1():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1", GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED="true",
+               GPUSENTRY_OUTPUTS__WEBHOOK__URL="http://127.0.0.1:9/hook",
+               GPUSENTRY_OUTPUTS__WEBHOOK__SECRET="a-secret-of-some-length")
+    env.pop("GPUSENTRY_CONFIG", None)
+    done = subprocess.run([sys.executable, "-m", "gpusentry.cli", "forward"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "cannot reach Kafka at 127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr
+    assert "a-secret-of-some-length" not in done.stderr
