@@ -228,7 +228,7 @@ def build_app(cfg: Config, *, engine: Engine | None = None, metrics: WorkerMetri
                         max_message_bytes=cfg.contract.max_message_bytes,
                         checkpoint_interval_s=w.checkpoint_interval_s, metrics=metrics, suppressions=suppressions,
                         worker_id=w.app_id, snapshot_cpu_share=w.snapshot_cpu_share,
-                        checkpoint_max_bytes=w.checkpoint_max_bytes)
+                        checkpoint_max_bytes=w.checkpoint_max_bytes, reorder_hold_s=w.reorder_hold_s)
     worker_app = WorkerApp(app, pipeline, clients, metrics, suppressions, cfg)
     # Explicit registration, in this order: topics, agents, timers.
     from streams import agents, timers, topics

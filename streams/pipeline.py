@@ -27,8 +27,10 @@ import asyncio
 import base64
 import logging
 import pickle
+import re
 import time
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -92,6 +94,11 @@ class PartitionState:
     pending: list[tuple[tuple[str, ...], str, int, Callable[[], Any]]] = field(default_factory=list)
     dirty: bool = False
     last_checkpoint: float = 0.0  # monotonic
+    # Event-time order across topics: messages received but not processed yet, per topic in offset order, as
+    # (event time, arrival, offset, key, value, ack); and when each topic last delivered a message here.
+    held: dict[str, deque[tuple[float, float, int, bytes | None, bytes | None, Callable[[], Any]]]] = field(
+        default_factory=dict)
+    last_seen: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,23 @@ class Topics:
     alerts: str
     deadletter: str
     feedback: str
+
+
+def _message_time(value: bytes | None) -> float:
+    """The event time a message is ordered by: its latest ``@timestamp`` (an agent's batch is one cycle); a message
+    without one (malformed: it will be dead-lettered) sorts first, so it never holds others back."""
+    if not value:
+        return float("-inf")
+    latest = float("-inf")
+    for m in _TIMESTAMP.finditer(value):
+        try:
+            latest = max(latest, parse_timestamp(m.group(1).decode()))
+        except ValueError:
+            continue
+    return latest
+
+
+_TIMESTAMP = re.compile(rb'"@timestamp"\s*:\s*"([^"]{10,40})"')
 
 
 def alert_signature(alert: dict[str, Any]) -> tuple[Any, ...]:
@@ -114,8 +138,14 @@ class Pipeline:
                  checkpoint_interval_s: float, metrics: WorkerMetrics | None = None,
                  suppressions: Suppressions | None = None, worker_id: str = "gpusentry",
                  on_alert: Callable[[dict[str, Any]], None] | None = None, snapshot_cpu_share: float = 0.15,
-                 checkpoint_max_bytes: int = 16 * 1024 * 1024) -> None:
+                 checkpoint_max_bytes: int = 16 * 1024 * 1024, reorder_hold_s: float = 0.0,
+                 reorder_max_held: int = 20_000) -> None:
         self.engine = engine
+        # > 0: each partition's messages are processed in event-time order across the event topics (a host's
+        # GPU samples and process events meet the engine in the order they happened, whichever topic the
+        # consumer fetched first), waiting at most this long for a topic that is delivering to catch up.
+        self.reorder_hold_s = reorder_hold_s
+        self.reorder_max_held = reorder_max_held
         self.io = io
         self.topics = topics
         self.max_message_bytes = max_message_bytes
@@ -145,68 +175,110 @@ class Pipeline:
 
     async def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
                      ack: Callable[[], Any]) -> None:
-        """Process one message; ``ack`` is called once a checkpoint covers it."""
+        """Process one message (in event-time order across topics, with ``reorder_hold_s``); ``ack`` is called once
+        a checkpoint covers it."""
         async with self.lock:
             part = self.partitions.get(partition)
             if part is None:
                 part = await self._restore(partition)
-            started = time.perf_counter()
-            counters = self._topic_counters.get(topic)
-            if counters is None:  # label lookups cost as much as the increments: once per topic
-                counters = self._topic_counters[topic] = (self.metrics.messages.labels(topic),
-                                                          self.metrics.events.labels(topic))
-            counters[0].inc()
-            self.stats["messages"] += 1
-            if not key:
-                # A keyless message would spread a host over partitions and workers (each with half its state).
-                decoded = Decoded(rejects=[Reject(RejectCode.MISSING_KEY, "message has no key; agents key every "
-                                                  "message by host.name (the producer's key)")])
-            else:
-                decoded = decode_message(value, key=key.decode("utf-8", "replace"), max_bytes=self.max_message_bytes)
-            for reject in decoded.rejects:
-                await self._dead_letter_reject(reject, topic, partition, offset, key, value)
-            engine = self.engine
-            last_ts = None
-            hosts: list[str] = []
-            covered = part.covered
-            for event in decoded.events:
-                host = event["host"]["name"]
-                upto = covered.get(host)
-                if upto is not None and offset < upto.get(topic, 0):
-                    # Already in this host's restored snapshot: replaying it would count it twice.
-                    self.stats["skipped"] += 1
-                    continue
-                if not hosts or hosts[-1] != host:
-                    hosts.append(host)
-                alerts = engine.process(event)
-                if engine.failures:
-                    for failure in engine.drain_failures():
-                        await self._dead_letter_failure(failure, topic, partition, offset, key)
-                if engine.clock_rejects:
-                    for late in engine.drain_clock_rejects():
-                        await self.dead_letter(RejectCode.CLOCK_SKEW.value, late.reason, topic=topic,
-                                               partition=partition, offset=offset, key=key,
-                                               original=orjson.dumps(late.event).decode())
-                for alert in alerts:
-                    await self._publish(alert)
-                last_ts = event["@timestamp"]
-            if decoded.events:
-                counters[1].inc(len(decoded.events))
-                self.stats["events"] += len(decoded.events)
-            part.offsets[topic] = offset + 1
-            unique = tuple(dict.fromkeys(hosts))
-            part.pending.append((unique, topic, offset, ack))
-            part.dirty = True
+            if self.reorder_hold_s <= 0:
+                await self._process(part, topic, offset, key, value, ack)
+                return
             now = time.monotonic()
-            for host in unique:
-                part.changed.add(host)
-                if now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s and self._may_snapshot(now):
-                    self._snapshot(part, host, now)
-            if last_ts is not None:
-                self.metrics.event_delay.observe(max(0.0, time.time() - parse_timestamp(last_ts)))
-            self.metrics.processing.observe(time.perf_counter() - started)
-            if now - part.last_checkpoint >= self.checkpoint_interval_s:
-                await self._checkpoint(part)
+            part.held.setdefault(topic, deque()).append((_message_time(value), now, offset, key, value, ack))
+            part.last_seen[topic] = now
+            await self._release(part, now)
+
+    def _topic_rank(self, topic: str) -> int:
+        events = self.topics.events
+        return events.index(topic) if topic in events else len(events)
+
+    async def _release(self, part: PartitionState, now: float, *, force: bool = False) -> None:
+        """Process held messages, earliest event time first, while no topic that is delivering here is still
+        behind (or the earliest has waited ``reorder_hold_s``, or too much is held)."""
+        hold = self.reorder_hold_s
+        while True:
+            heads = [(q[0][0], self._topic_rank(t), t) for t, q in part.held.items() if q]
+            if not heads:
+                return
+            ts, _, topic = min(heads)
+            first = part.held[topic][0]
+            if not force and now - first[1] < hold:
+                behind = [t for t, seen in part.last_seen.items() if now - seen < hold and not part.held.get(t)]
+                if behind and sum(len(q) for q in part.held.values()) < self.reorder_max_held:
+                    return  # a topic that is delivering may still bring something earlier
+            _, _, offset, key, value, ack = part.held[topic].popleft()
+            await self._process(part, topic, offset, key, value, ack)
+
+    async def release_due(self) -> None:
+        """Process the held messages that have waited long enough (the worker's timer)."""
+        if self.reorder_hold_s <= 0:
+            return
+        async with self.lock:
+            now = time.monotonic()
+            for part in list(self.partitions.values()):
+                await self._release(part, now)
+
+    async def _process(self, part: PartitionState, topic: str, offset: int, key: bytes | None,
+                       value: bytes | None, ack: Callable[[], Any]) -> None:
+        partition = part.number
+        started = time.perf_counter()
+        counters = self._topic_counters.get(topic)
+        if counters is None:  # label lookups cost as much as the increments: once per topic
+            counters = self._topic_counters[topic] = (self.metrics.messages.labels(topic),
+                                                      self.metrics.events.labels(topic))
+        counters[0].inc()
+        self.stats["messages"] += 1
+        if not key:
+            # A keyless message would spread a host over partitions and workers (each with half its state).
+            decoded = Decoded(rejects=[Reject(RejectCode.MISSING_KEY, "message has no key; agents key every "
+                                              "message by host.name (the producer's key)")])
+        else:
+            decoded = decode_message(value, key=key.decode("utf-8", "replace"), max_bytes=self.max_message_bytes)
+        for reject in decoded.rejects:
+            await self._dead_letter_reject(reject, topic, partition, offset, key, value)
+        engine = self.engine
+        last_ts = None
+        hosts: list[str] = []
+        covered = part.covered
+        for event in decoded.events:
+            host = event["host"]["name"]
+            upto = covered.get(host)
+            if upto is not None and offset < upto.get(topic, 0):
+                # Already in this host's restored snapshot: replaying it would count it twice.
+                self.stats["skipped"] += 1
+                continue
+            if not hosts or hosts[-1] != host:
+                hosts.append(host)
+            alerts = engine.process(event)
+            if engine.failures:
+                for failure in engine.drain_failures():
+                    await self._dead_letter_failure(failure, topic, partition, offset, key)
+            if engine.clock_rejects:
+                for late in engine.drain_clock_rejects():
+                    await self.dead_letter(RejectCode.CLOCK_SKEW.value, late.reason, topic=topic,
+                                           partition=partition, offset=offset, key=key,
+                                           original=orjson.dumps(late.event).decode())
+            for alert in alerts:
+                await self._publish(alert)
+            last_ts = event["@timestamp"]
+        if decoded.events:
+            counters[1].inc(len(decoded.events))
+            self.stats["events"] += len(decoded.events)
+        part.offsets[topic] = offset + 1
+        unique = tuple(dict.fromkeys(hosts))
+        part.pending.append((unique, topic, offset, ack))
+        part.dirty = True
+        now = time.monotonic()
+        for host in unique:
+            part.changed.add(host)
+            if now - part.snapshot_at.get(host, -1e18) >= self.checkpoint_interval_s and self._may_snapshot(now):
+                self._snapshot(part, host, now)
+        if last_ts is not None:
+            self.metrics.event_delay.observe(max(0.0, time.time() - parse_timestamp(last_ts)))
+        self.metrics.processing.observe(time.perf_counter() - started)
+        if now - part.last_checkpoint >= self.checkpoint_interval_s:
+            await self._checkpoint(part)
 
     def _may_snapshot(self, now: float) -> bool:
         # Credit accrues at snapshot_cpu_share of wall time, capped at one checkpoint interval's worth.
@@ -373,6 +445,8 @@ class Pipeline:
         async with self.lock:
             now = time.monotonic()
             for part in list(self.partitions.values()):
+                if force and part.held:
+                    await self._release(part, now, force=True)  # shutting down: process what is held first
                 if (part.dirty or part.pending) and (
                         force or now - part.last_checkpoint >= self.checkpoint_interval_s):
                     await self._checkpoint(part, complete=force)
@@ -408,6 +482,10 @@ class Pipeline:
         if marks is not None:
             await self._load_published(marks)
         self.partitions[number] = part
+        if self.reorder_hold_s > 0:
+            # Until each event topic has delivered (or stayed silent for reorder_hold_s), none runs ahead: the
+            # first fetch of a backlog may bring one topic's messages before another's.
+            part.last_seen = dict.fromkeys(self.topics.events, time.monotonic())
         # A first, empty checkpoint records where the alerts topic stood, so that even a worker killed
         # before its first regular checkpoint is succeeded without doubled alerts.
         if blob is None:
@@ -439,9 +517,12 @@ class Pipeline:
         """Checkpoint and forget partitions that move to another worker."""
         async with self.lock:
             for n in sorted(set(numbers)):
-                part = self.partitions.pop(n, None)
+                part = self.partitions.get(n)
                 if part is None:
                     continue
+                if part.held:  # processed here, so the checkpoint below covers them
+                    await self._release(part, time.monotonic(), force=True)
+                del self.partitions[n]
                 if part.dirty or part.pending or part.changed:
                     await self._checkpoint(part, complete=True)
                 for host in set(part.blobs) | part.changed:

@@ -1,4 +1,5 @@
-"""Timers: checkpoint idle partitions (so their messages get acknowledged) and refresh the lag gauges."""
+"""Timers: checkpoint idle partitions (so their messages get acknowledged), release messages held for event-time
+order, and refresh the lag gauges."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ def register(wa: WorkerApp) -> None:
     @app.timer(interval, name="gpusentry.checkpoint")
     async def checkpoint() -> None:
         await pipeline.checkpoint_due()
+
+    if wa.cfg.worker.reorder_hold_s > 0:
+        @app.timer(max(0.1, wa.cfg.worker.reorder_hold_s / 4), name="gpusentry.reorder")
+        async def reorder() -> None:
+            await pipeline.release_due()  # messages held for event-time order, once they have waited enough
 
     @app.timer(5.0, name="gpusentry.lag")
     async def lag() -> None:

@@ -312,3 +312,45 @@ def test_broker_calls_wait_for_a_restarting_broker_and_say_so_once(caplog):
 
     with pytest.raises(UnknownTopicOrPartitionError):  # not a broker outage: the caller decides
         run(until_answered("end offsets", broken, sleep=fake_sleep))
+
+
+def test_held_messages_meet_the_engine_in_event_time_order_whichever_topic_came_first():
+    """A worker catching up a backlog may be handed one topic's messages long before another's. Out of order, the
+    host's process events would arrive far behind its GPU samples and count as late: the second episode of the
+    incident would never open. Held and merged by event time, the worker decides what replay decides."""
+    from tests.streams_helpers import gpu_batch
+
+    host = "gpu-node-3"
+    gpu_msgs, proc_msgs = [], []
+    for k in range(160):
+        t = T0 + 10 * k
+        batch = [benign_start(host, t, pid=10_000 + k)]
+        if k in (5, 90):
+            batch.append(miner_start(host, t + 1, pid=31_000 + k))
+        gpu_msgs.append(msg(gpu_batch(host, t)))
+        proc_msgs.append(msg(batch))
+    engine = Engine()
+    expected = []
+    for g, pr in zip(gpu_msgs, proc_msgs, strict=True):
+        for v in (g, pr):
+            for ev in orjson.loads(v):
+                expected += [a["event"]["id"] for a in engine.process(c.validate_or_raise(ev))]
+
+    async def go(hold: float) -> list[str]:
+        io = FakeIO()
+        p = Pipeline(Engine(), io, TOPICS, max_message_bytes=1_048_576, checkpoint_interval_s=3600.0,
+                     reorder_hold_s=hold)
+        # The backlog as a catching-up consumer may see it: every GPU message first, then the process ones.
+        for off, v in enumerate(gpu_msgs):
+            await p.handle("gpu", 0, off, host.encode(), v, ack=lambda: None)
+        for off, v in enumerate(proc_msgs):
+            await p.handle("process", 0, off, host.encode(), v, ack=lambda: None)
+        await asyncio.sleep(hold + 0.05)
+        await p.release_due()
+        await p.checkpoint_due(force=True)
+        await io.flush()
+        return [orjson.loads(v)["event"]["id"] for v in io.topics["alerts"]]
+
+    assert run(go(0.2)) == expected
+    in_arrival_order = run(go(0.0))
+    assert in_arrival_order != expected, "the test must show what arrival order gets wrong"
