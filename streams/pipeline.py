@@ -9,6 +9,10 @@ logic (that is :class:`detectors.engine.Engine`).  What this module owns is deli
   and on rebalance and shutdown.  Each host's snapshot is taken right after one of its own messages (at
   most once per interval) and records the input offsets it covers, so no checkpoint stalls the stream
   to snapshot every host at once.
+* **Event-time order across topics.**  With ``reorder_hold_s`` (the worker's ``[worker] reorder_hold_s``), a
+  partition's messages are held per topic and released earliest event time first, while no topic that is
+  delivering to the partition is behind (at most ``reorder_hold_s`` of waiting, and ``reorder_max_held``
+  messages): a worker catching up a backlog meets a host's events in the order ``replay`` does.
 * **Offsets after state.**  A message is acknowledged to faust (and so becomes committable) only
   after a checkpoint that covers it is on the broker, and that checkpoint is written only after every
   alert and dead letter sent before it is acknowledged by the broker.  A killed worker therefore
