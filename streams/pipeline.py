@@ -12,7 +12,8 @@ logic (that is :class:`detectors.engine.Engine`).  What this module owns is deli
 * **Event-time order across topics.**  With ``reorder_hold_s`` (the worker's ``[worker] reorder_hold_s``), a
   partition's messages are held per topic and released earliest event time first, while no topic that is
   delivering to the partition is behind (at most ``reorder_hold_s`` of waiting, and ``reorder_max_held``
-  messages): a worker catching up a backlog meets a host's events in the order ``replay`` does.
+  messages): a worker catching up a backlog meets a host's events in the order ``replay`` does.  Messages
+  less than ``BACKLOG_AFTER_S`` behind the wall clock (a live fleet) are not held.
 * **Offsets after state.**  A message is acknowledged to faust (and so becomes committable) only
   after a checkpoint that covers it is on the broker, and that checkpoint is written only after every
   alert and dead letter sent before it is acknowledged by the broker.  A killed worker therefore
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 6  # 4: detectors share per-host GPU windows (Detector.new_host_state); 5: and steadiness;
 # 6: sandbox lineage, recurrence and busy-time cost accounting in the host state
+# Event-time ordering holds messages only when they are this far behind the wall clock (a backlog being caught up).
+BACKLOG_AFTER_S = 30.0
 # Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
 MAX_ORIGINAL_BYTES = 64 * 1024
 
@@ -103,6 +106,8 @@ class PartitionState:
     held: dict[str, deque[tuple[float, float, int, bytes | None, bytes | None, Callable[[], Any]]]] = field(
         default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
+    delivered_to: dict[str, float] = field(default_factory=dict)  # topic -> latest event time it delivered here
+    next_offset: dict[str, int] = field(default_factory=dict)  # topic -> offset after the last one delivered here
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ class Pipeline:
         # consumer fetched first), waiting at most this long for a topic that is delivering to catch up.
         self.reorder_hold_s = reorder_hold_s
         self.reorder_max_held = reorder_max_held
+        # (topic, partition) -> the broker's end offset as the consumer last saw it (set by the worker), or None.
+        self.highwater: Callable[[str, int], int | None] | None = None
         self.io = io
         self.topics = topics
         self.max_message_bytes = max_message_bytes
@@ -189,8 +196,12 @@ class Pipeline:
                 await self._process(part, topic, offset, key, value, ack)
                 return
             now = time.monotonic()
-            part.held.setdefault(topic, deque()).append((_message_time(value), now, offset, key, value, ack))
+            at = _message_time(value)
+            part.held.setdefault(topic, deque()).append((at, now, offset, key, value, ack))
             part.last_seen[topic] = now
+            part.next_offset[topic] = offset + 1
+            if at > part.delivered_to.get(topic, float("-inf")):
+                part.delivered_to[topic] = at
             await self._release(part, now)
 
     def _topic_rank(self, topic: str) -> int:
@@ -207,12 +218,23 @@ class Pipeline:
                 return
             ts, _, topic = min(heads)
             first = part.held[topic][0]
-            if not force and now - first[1] < hold:
-                behind = [t for t, seen in part.last_seen.items() if now - seen < hold and not part.held.get(t)]
+            # Only a backlog needs holding: fresh events (a live fleet, seconds behind the wall clock) are never
+            # "late" to one another, and incident keys do not depend on their order, so they are not delayed.
+            if not force and now - first[1] < hold and time.time() - ts > BACKLOG_AFTER_S:
+                # Behind: a topic still delivering here, with nothing held, that has not yet delivered this far.
+                behind = [t for t, seen in part.last_seen.items() if now - seen < hold and not part.held.get(t)
+                          and part.delivered_to.get(t, float("-inf")) < ts and not self._drained(t, part)]
                 if behind and sum(len(q) for q in part.held.values()) < self.reorder_max_held:
                     return  # a topic that is delivering may still bring something earlier
             _, _, offset, key, value, ack = part.held[topic].popleft()
             await self._process(part, topic, offset, key, value, ack)
+
+    def _drained(self, topic: str, part: PartitionState) -> bool:
+        """Whether ``topic`` has delivered everything the broker holds for this partition (nothing to wait for)."""
+        if self.highwater is None:
+            return False
+        end = self.highwater(topic, part.number)
+        return end is not None and part.next_offset.get(topic, -1) >= end
 
     async def release_due(self) -> None:
         """Process the held messages that have waited long enough (the worker's timer)."""

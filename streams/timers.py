@@ -17,6 +17,16 @@ def register(wa: WorkerApp) -> None:
     async def checkpoint() -> None:
         await pipeline.checkpoint_due()
 
+    def consumer_highwater(topic: str, partition: int) -> int | None:
+        from faust.types import TP
+
+        try:
+            return int(app.consumer.highwater(TP(topic, partition)))
+        except (KeyError, TypeError, ValueError, AssertionError):
+            return None  # not fetched yet
+
+    pipeline.highwater = consumer_highwater  # a topic with nothing left to fetch holds nothing back
+
     if wa.cfg.worker.reorder_hold_s > 0:
         @app.timer(max(0.1, wa.cfg.worker.reorder_hold_s / 4), name="gpusentry.reorder")
         async def reorder() -> None:
