@@ -81,7 +81,7 @@ def pod_without_gpu_request(sim: HostSim) -> float:
     trainer_pod(sim)
     t = attack_at(sim)
     nb = pod(sim, "team-b", "notebook-7")
-    prog = in_pod(sim, t, nb, f"{ALLOWED_PY} /home/jovyan/work/solver.py", ALLOWED_PY)
+    prog = in_pod(sim, t, nb, f"{ALLOWED_PY} /workspace/notebooks/solver.py", ALLOWED_PY)
     _miner(sim, t, 1, prog)
     return t
 
