@@ -32,7 +32,6 @@ import asyncio
 import base64
 import logging
 import pickle
-import re
 import time
 import zlib
 from collections import deque
@@ -102,8 +101,9 @@ class PartitionState:
     dirty: bool = False
     last_checkpoint: float = 0.0  # monotonic
     # Event-time order across topics: messages received but not processed yet, per topic in offset order, as
-    # (event time, arrival, offset, key, value, ack); and when each topic last delivered a message here.
-    held: dict[str, deque[tuple[float, float, int, bytes | None, bytes | None, Callable[[], Any]]]] = field(
+    # (event time, arrival, offset, key, value, ack, decoded: each message is decoded once); and when each topic
+    # last delivered a message here.
+    held: dict[str, deque[tuple[float, float, int, bytes | None, bytes | None, Callable[[], Any], Decoded]]] = field(
         default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
     delivered_to: dict[str, float] = field(default_factory=dict)  # topic -> latest event time it delivered here
@@ -118,21 +118,10 @@ class Topics:
     feedback: str
 
 
-def _message_time(value: bytes | None) -> float:
-    """The event time a message is ordered by: its latest ``@timestamp`` (an agent's batch is one cycle); a message
-    without one (malformed: it will be dead-lettered) sorts first, so it never holds others back."""
-    if not value:
-        return float("-inf")
-    latest = float("-inf")
-    for m in _TIMESTAMP.finditer(value):
-        try:
-            latest = max(latest, parse_timestamp(m.group(1).decode()))
-        except ValueError:
-            continue
-    return latest
-
-
-_TIMESTAMP = re.compile(rb'"@timestamp"\s*:\s*"([^"]{10,40})"')
+def _message_time(decoded: Decoded) -> float:
+    """The event time a message is ordered by: its latest event's (an agent's batch is one cycle); a message with
+    no valid event (it is only dead letters) sorts first, so it never holds others back."""
+    return max((parse_timestamp(ev["@timestamp"]) for ev in decoded.events), default=float("-inf"))
 
 
 def alert_signature(alert: dict[str, Any]) -> tuple[Any, ...]:
@@ -192,12 +181,13 @@ class Pipeline:
             part = self.partitions.get(partition)
             if part is None:
                 part = await self._restore(partition)
+            decoded = self._decode(key, value)
             if self.reorder_hold_s <= 0:
-                await self._process(part, topic, offset, key, value, ack)
+                await self._process(part, topic, offset, key, value, ack, decoded)
                 return
             now = time.monotonic()
-            at = _message_time(value)
-            part.held.setdefault(topic, deque()).append((at, now, offset, key, value, ack))
+            at = _message_time(decoded)
+            part.held.setdefault(topic, deque()).append((at, now, offset, key, value, ack, decoded))
             part.last_seen[topic] = now
             part.next_offset[topic] = offset + 1
             if at > part.delivered_to.get(topic, float("-inf")):
@@ -226,8 +216,8 @@ class Pipeline:
                           and part.delivered_to.get(t, float("-inf")) < ts and not self._drained(t, part)]
                 if behind and sum(len(q) for q in part.held.values()) < self.reorder_max_held:
                     return  # a topic that is delivering may still bring something earlier
-            _, _, offset, key, value, ack = part.held[topic].popleft()
-            await self._process(part, topic, offset, key, value, ack)
+            _, _, offset, key, value, ack, decoded = part.held[topic].popleft()
+            await self._process(part, topic, offset, key, value, ack, decoded)
 
     def _drained(self, topic: str, part: PartitionState) -> bool:
         """Whether ``topic`` has delivered everything the broker holds for this partition (nothing to wait for)."""
@@ -245,8 +235,15 @@ class Pipeline:
             for part in list(self.partitions.values()):
                 await self._release(part, now)
 
+    def _decode(self, key: bytes | None, value: bytes | None) -> Decoded:
+        if not key:
+            # A keyless message would spread a host over partitions and workers (each with half its state).
+            return Decoded(rejects=[Reject(RejectCode.MISSING_KEY, "message has no key; agents key every "
+                                           "message by host.name (the producer's key)")])
+        return decode_message(value, key=key.decode("utf-8", "replace"), max_bytes=self.max_message_bytes)
+
     async def _process(self, part: PartitionState, topic: str, offset: int, key: bytes | None,
-                       value: bytes | None, ack: Callable[[], Any]) -> None:
+                       value: bytes | None, ack: Callable[[], Any], decoded: Decoded) -> None:
         partition = part.number
         started = time.perf_counter()
         counters = self._topic_counters.get(topic)
@@ -255,12 +252,6 @@ class Pipeline:
                                                       self.metrics.events.labels(topic))
         counters[0].inc()
         self.stats["messages"] += 1
-        if not key:
-            # A keyless message would spread a host over partitions and workers (each with half its state).
-            decoded = Decoded(rejects=[Reject(RejectCode.MISSING_KEY, "message has no key; agents key every "
-                                              "message by host.name (the producer's key)")])
-        else:
-            decoded = decode_message(value, key=key.decode("utf-8", "replace"), max_bytes=self.max_message_bytes)
         for reject in decoded.rejects:
             await self._dead_letter_reject(reject, topic, partition, offset, key, value)
         engine = self.engine
