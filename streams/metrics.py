@@ -27,6 +27,9 @@ class WorkerMetrics:
         self.duplicates = Counter("gpusentry_worker_alerts_deduplicated",
                                   "Incident updates not re-published after a restart because they were already "
                                   "on the alerts topic.", registry=r)
+        self.resent_messages = Counter("gpusentry_worker_resent_messages", "Messages dropped as exact copies of one "
+                                       "the same host sent recently: an agent resending a batch whose delivery it "
+                                       "could not confirm (a network cut mid-request).", ["topic"], registry=r)
         self.deadletters = Counter("gpusentry_worker_deadletters", "Messages or events sent to the dead-letter "
                                    "topic, by reason.", ["reason"], registry=r)
         self.detector_failures = Counter("gpusentry_worker_detector_failures", "Detector exceptions, by rule.",

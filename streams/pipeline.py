@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import pickle
 import time
@@ -108,6 +109,10 @@ class PartitionState:
     last_seen: dict[str, float] = field(default_factory=dict)
     delivered_to: dict[str, float] = field(default_factory=dict)  # topic -> latest event time it delivered here
     next_offset: dict[str, int] = field(default_factory=dict)  # topic -> offset after the last one delivered here
+    # Digests of each host's latest messages (any topic): a resend of one of them is a copy, not new evidence.
+    # recent_snap: as of the host's snapshot, so a restored host drops only copies its snapshot already holds.
+    recent: dict[str, deque[bytes]] = field(default_factory=dict)
+    recent_snap: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,11 @@ class Topics:
     alerts: str
     deadletter: str
     feedback: str
+
+
+# An agent resends a batch when it cannot confirm its delivery (the request may have landed before a cut): a copy
+# arrives after at most the few batches in flight with it, so a short per-host memory finds every one.
+RECENT_MESSAGES = 64
 
 
 def _message_time(decoded: Decoded) -> float:
@@ -169,7 +179,7 @@ class Pipeline:
         self._inflight: list[Awaitable[Any]] = []
         self._topic_counters: dict[str, tuple[Any, Any]] = {}
         self.stats = {"messages": 0, "events": 0, "alerts": 0, "deadletters": 0, "duplicates": 0,
-                      "suppressed": 0, "skipped": 0}
+                      "suppressed": 0, "skipped": 0, "resent": 0}
 
     # ------------------------------------------------------------------ messages
 
@@ -254,6 +264,20 @@ class Pipeline:
         self.stats["messages"] += 1
         for reject in decoded.rejects:
             await self._dead_letter_reject(reject, topic, partition, offset, key, value)
+        if key and value and decoded.events:
+            # Recorded when processed, not when received: a snapshot then covers exactly the digests it holds.
+            sender = key.decode("utf-8", "replace")
+            digest = hashlib.blake2b(value, digest_size=16).digest()
+            recent = part.recent.get(sender)
+            if recent is None:
+                recent = part.recent[sender] = deque(maxlen=RECENT_MESSAGES)
+            if digest in recent:
+                # Offsets and acks go on as for any message; its events do not reach the engine twice.
+                self.metrics.resent_messages.labels(topic).inc()
+                self.stats["resent"] += 1
+                decoded = Decoded()
+            else:
+                recent.append(digest)
         engine = self.engine
         last_ts = None
         hosts: list[str] = []
@@ -310,6 +334,7 @@ class Pipeline:
         part.covered[host] = dict(part.offsets)
         part.snapshot_at[host] = now
         part.changed.discard(host)
+        part.recent_snap[host] = tuple(part.recent.get(host, ()))
         # The marks of the last checkpoint were read before this snapshot: a safe (early) bound for it.
         part.snap_marks[host] = dict(part.last_marks or {})
         self._snapshot_credit -= time.perf_counter() - started
@@ -417,6 +442,7 @@ class Pipeline:
         record = {"format": CHECKPOINT_FORMAT, "partition": part.number, "offsets": part.offsets,
                   "hosts": part.blobs, "covered": part.covered, "alert_marks": self._replay_marks(part, marks),
                   "host_marks": {h: part.snap_marks[h] for h in part.changed if h in part.snap_marks},
+                  "recent": {h: part.recent_snap[h] for h in part.blobs if h in part.recent_snap},
                   "written_at": time.time(), "worker": self.worker_id}
         blob = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
         if len(blob) > self.checkpoint_max_bytes:
@@ -488,6 +514,9 @@ class Pipeline:
                 part.covered[host] = dict(record["covered"][host])
                 part.snapshot_at[host] = now
             part.offsets = dict(record["offsets"])
+            for host, digests in (record.get("recent") or {}).items():  # absent in checkpoints of older workers
+                part.recent_snap[host] = tuple(digests)
+                part.recent[host] = deque(digests, maxlen=RECENT_MESSAGES)
             marks = record["alert_marks"]
             part.last_marks = dict(marks)
             host_marks = record.get("host_marks") or {}
