@@ -8,12 +8,14 @@ anyway, so consumers dedupe on ``event.id``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from gpusentry.settings.kafka import KafkaSettings
@@ -107,10 +109,16 @@ async def read_thread_journal(kafka: KafkaSettings, topic: str) -> list[tuple[st
                                 client_id=f"{kafka.client_id}-forwarder", **kafka.aiokafka_config())
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        # Subscribing makes the client fetch the topic's metadata (a fresh group-less consumer knows no topic on
+        # Apache Kafka, so partitions_for_topic() would say "none"); without a group it is assigned them all.
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 15
+        while not consumer.assignment() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        partitions = sorted(consumer.assignment(), key=lambda tp: tp.partition)
         if not partitions:
+            log.warning("no partitions found for %s within 15 s: starting without recorded Slack threads", topic)
             return []
-        consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         out: list[tuple[str, str, str | None]] = []

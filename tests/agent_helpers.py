@@ -90,15 +90,32 @@ class CuttableProxy:
 
 
 class ProxiedBroker:
-    """A Tansu broker (memory storage) whose advertised address is a cuttable proxy in front of it.
+    """The test broker (Apache Kafka, or Tansu with TEST_BROKER=tansu) whose advertised address is a cuttable
+    proxy in front of it.
 
     Kafka clients connect to the address a broker advertises, so the proxy has to be what the broker
     advertises, or the client would bypass it after its first metadata request.
     """
 
     def __init__(self) -> None:
+        from gpusentry.apache_kafka import KafkaCluster, KafkaUnavailable
+        from tests.conftest import kafka_missing, selected_broker
+
         self.broker_port = free_port()
         self.proxy = CuttableProxy(("127.0.0.1", self.broker_port))
+        self.kafka: KafkaCluster | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        if selected_broker() == "kafka":
+            try:
+                self.kafka = KafkaCluster(listen_ports={1: self.broker_port},
+                                          advertised_ports={1: self.proxy.port}).start()
+            except KafkaUnavailable as exc:  # skipped with the reason, like the session broker's suites
+                self.proxy.close()
+                kafka_missing(exc)
+            except BaseException:
+                self.proxy.close()
+                raise
+            return
         fd, name = tempfile.mkstemp(prefix="gpusentry-proxied-broker-", suffix=".log")
         os.close(fd)
         self.log_path = Path(name)
@@ -118,7 +135,10 @@ class ProxiedBroker:
 
     def stop(self) -> None:
         self.proxy.close()
-        if self.proc.poll() is None:
+        if self.kafka is not None:
+            self.kafka.stop()
+            return
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
@@ -130,7 +150,8 @@ class ProxiedBroker:
 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[tuple[bytes, bytes]]:
-    """(key, value) of every message in partition 0 of ``topic``, from the start, until ``expected`` arrived."""
+    """(key, value) of every message in partition 0 of ``topic``, from the start, until at least ``expected`` arrived
+    and the partition's end is reached (copies count towards ``expected``, so the end decides)."""
     import time
 
     from confluent_kafka import Consumer, TopicPartition
@@ -140,14 +161,16 @@ def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0
     consumer.assign([TopicPartition(topic, 0, 0)])
     out: list[tuple[bytes, bytes]] = []
     deadline = time.monotonic() + timeout
+    next_offset = 0
     try:
-        while len(out) < expected and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if len(out) >= expected and next_offset >= consumer.get_watermark_offsets(TopicPartition(topic, 0))[1]:
+                break
             msg = consumer.poll(0.2)
-            if msg is None:
-                continue
-            if msg.error():
+            if msg is None or msg.error():
                 continue
             out.append((msg.key(), msg.value()))
+            next_offset = msg.offset() + 1
         # Anything beyond what we expected would be a duplicate: give it a moment to show up.
         end = time.monotonic() + 1.0
         while time.monotonic() < end:

@@ -225,9 +225,19 @@ def produced_ids(*paths) -> list[str]:
 
 
 def consumed_ids(bootstrap: str, topic: str, expected_events: int) -> list[str]:
+    """The event ids on ``topic`` in order, each message once: a message may arrive twice (the agent resends what
+    it could not confirm, and on Apache Kafka a request cut mid-flight may have landed), but only as an exact copy
+    soon after its original, which the worker drops (streams.pipeline.RECENT_MESSAGES)."""
+    from streams.pipeline import RECENT_MESSAGES
+
     ids: list[str] = []
+    seen: dict[bytes, int] = {}
     # One message per cycle holds 8 GPU events; ask for at least that many messages.
-    for key, value in consume_all(bootstrap, topic, expected_events // 8):
+    for n, (key, value) in enumerate(consume_all(bootstrap, topic, expected_events // 8)):
+        if value in seen:
+            assert n - seen[value] <= RECENT_MESSAGES, "a copy too late for the worker to recognise"
+            continue
+        seen[value] = n
         decoded = c.decode_message(value, key=key)
         assert not decoded.rejects, decoded.rejects
         ids.extend(e["event"]["id"] for e in decoded.events)
