@@ -121,6 +121,39 @@ def test_up_demo_detects_within_a_minute_and_ctrl_c_stops_everything(tmp_path):
     assert incidents.stat().st_size > 0  # kept
 
 
+def test_up_with_kafka_bootstrap_servers_uses_that_broker(bootstrap, tmp_path):
+    """`kafka.bootstrap_servers` set: `up` starts no broker of its own and runs everything on that one."""
+    incidents = tmp_path / "incidents.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")}
+    env.update({"GPUSENTRY_WORKER__INCIDENTS_FILE": str(incidents), "GPUSENTRY_KAFKA__PARTITIONS": "2",
+                "GPUSENTRY_AGENT__INTERVAL_S": "5", "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+                "GPUSENTRY_WORKER__APP_ID": f"up-external-{os.getpid()}-{time.time_ns()}",
+                "GPUSENTRY_AGENT__SPOOL_DIR": str(tmp_path / "spool")})
+    out = tmp_path / "up.out"
+    with out.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "up", "--demo"], cwd=tmp_path, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, found = time.monotonic() + 90, False
+        while time.monotonic() < deadline and not found:
+            time.sleep(0.5)
+            assert proc.poll() is None, out.read_text()
+            found = incidents.exists() and any(orjson.loads(line)["host"]["name"] == DEMO_HOST
+                                               for line in incidents.read_bytes().splitlines())
+        assert found, f"no demo detection within 90 s:\n{out.read_text()[-3000:]}"
+        names = " ".join(" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True))
+        assert "worker" in names and "agent" in names and " broker" not in names, names
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = out.read_text()
+    assert rc == 130, text[-3000:]
+    assert "embedded broker" not in text and bootstrap in text, text[-3000:]
+
+
 def test_no_child_outlives_a_killed_up(tmp_path):
     """SIGKILL of `up` (nothing of it runs to stop its children): the broker, worker and agent die with it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")}
