@@ -11,8 +11,9 @@
    miner start on a new host ten times a second): from the event's ``@timestamp`` at the producer to
    the alert's arrival on the alerts topic.  Target: p99 < 1 s.
 
-Usage: python bench/pipeline.py [--hosts 64] [--duration 1500] [--latency-s 20] [--rate 5000]
-Set GPUSENTRY_BENCH_BOOTSTRAP=host:port to run against an existing Kafka instead of the embedded broker.
+Usage: python bench/pipeline.py [--hosts 64] [--duration 1500] [--latency-s 20] [--rate 5000] [--broker both]
+``--broker both`` (the default) measures 1 and 2 on Apache Kafka and on the embedded broker in one run, against the
+same baselines.  Set GPUSENTRY_BENCH_BOOTSTRAP=host:port to run against an existing Kafka instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import asyncio
 import heapq
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from detectors.engine import Engine  # noqa: E402
 from gpusentry import contract as c  # noqa: E402
+from gpusentry.apache_kafka import KafkaCluster  # noqa: E402
 from gpusentry.broker import EmbeddedBroker, create_topics, free_port  # noqa: E402
 from gpusentry.config import Config  # noqa: E402
 from gpusentry.replay import run_replay  # noqa: E402
@@ -356,50 +357,74 @@ def main() -> int:
     ap.add_argument("--latency-s", type=float, default=20.0)
     ap.add_argument("--rate", type=int, default=5000, help="events/s for the latency run")
     args = ap.parse_args()
+    ap.add_argument("--broker", choices=("kafka", "tansu", "both"), default="both",
+                    help="Apache Kafka (resolved with Maven), the embedded broker, or both in one run (default)")
+    args = ap.parse_args()
     external = os.environ.get("GPUSENTRY_BENCH_BOOTSTRAP")
-    broker = None if external else EmbeddedBroker().start()
-    bootstrap = external or broker.bootstrap_servers  # type: ignore[union-attr]
+    kinds = ["external"] if external else (["kafka", "tansu"] if args.broker == "both" else [args.broker])
+    print(f"simulating {args.hosts} eight-GPU hosts for {args.duration:.0f} s each ...", flush=True)
+    messages = fleet_messages(args.hosts, args.duration)
+    total = sum(len(m[3]) for m in messages)
+    gpu_share = sum(len(m[3]) for m in messages if m[0] == "gpusentry.gpu") / total
+    print(f"workload: {total} events in {len(messages)} messages ({total / len(messages):.1f} events/message, "
+          f"{gpu_share:.1%} GPU samples)", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="gpusentry-bench-"))
+    jsonl = write_jsonl(messages, workdir / "fleet.jsonl")
+    before, before_cpu, alerts = replay_rate(jsonl, total)
+    print(f"engine's replay (ceiling):   {before:10.0f} events/s  ({before_cpu:.0f} per CPU-second, "
+          f"{alerts} alerts)", flush=True)
+    bare, bare_cpu, _ = engine_rate(jsonl, total)
+    print(f"Engine.process alone:        {bare:10.0f} events/s  ({bare_cpu:.0f} per CPU-second; "
+          "events decoded and validated beforehand)", flush=True)
+    results = {}
+    for kind in kinds:
+        print(f"--- broker: {kind}", flush=True)
+        results[kind] = on_broker(kind, external, messages, total, args)
+        if results[kind] is None:
+            return 1
+    # The machine may be shared: the ceiling is measured again right after, and the two averaged;
+    # events per CPU-second compare the cost per event whatever else runs beside.
+    after, after_cpu, _ = replay_rate(jsonl, total)
+    jsonl.unlink()
+    workdir.rmdir()
+    ceiling, ceiling_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
+    print(f"engine's replay, again:      {after:10.0f} events/s  ({after_cpu:.0f} per CPU-second)", flush=True)
+    ok = True
+    for kind, r in results.items():
+        assert r is not None
+        worker, worker_cpu, decode, lat = r["worker"], r["worker_cpu"], r["decode"], r["latency"]
+        print(f"[{kind}] one worker (faust): {worker:10.0f} events/s  = {worker / ceiling:.2f} x the engine's replay "
+              f"({ceiling:.0f}), {worker / decode:.2f} x consume+decode; per CPU-second {worker_cpu:.0f} events = "
+              f"{worker_cpu / ceiling_cpu:.2f} x the replay, {worker_cpu / bare_cpu:.2f} x Engine.process alone",
+              flush=True)
+        print(f"[{kind}] latency at {r['achieved']} events/s, {len(lat)} alerts: p50 {pct(lat, 0.5) * 1000:.0f} ms, "
+              f"p99 {pct(lat, 0.99) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms", flush=True)
+        ok = ok and worker >= 10_000 and worker >= ceiling / 2 and pct(lat, 0.99) < 1.0
+    print(f"targets (>= 10,000 events/s, >= 0.5 x the engine's replay, p99 < 1 s): {'met' if ok else 'NOT met'}")
+    return 0
+
+
+def on_broker(kind: str, external: str | None, messages: list[Any], total: int,
+              args: argparse.Namespace) -> dict[str, Any] | None:
+    """Consume+decode, the worker's rate and the latency on one broker, started here unless external."""
+    broker: Any = None
+    if kind == "kafka":
+        broker = KafkaCluster(nodes=1, progress=lambda line: print(line, flush=True)).start()
+    elif kind == "tansu":
+        broker = EmbeddedBroker().start()
+    bootstrap = external or broker.bootstrap_servers
     try:
-        print(f"simulating {args.hosts} eight-GPU hosts for {args.duration:.0f} s each ...", flush=True)
-        messages = fleet_messages(args.hosts, args.duration)
-        total = sum(len(m[3]) for m in messages)
-        gpu_share = sum(len(m[3]) for m in messages if m[0] == "gpusentry.gpu") / total
-        print(f"workload: {total} events in {len(messages)} messages ({total / len(messages):.1f} events/message, "
-              f"{gpu_share:.1%} GPU samples)", flush=True)
-        workdir = Path(tempfile.mkdtemp(prefix="gpusentry-bench-"))
-        jsonl = write_jsonl(messages, workdir / "fleet.jsonl")
-        before, before_cpu, alerts = replay_rate(jsonl, total)
-        print(f"engine's replay (ceiling):   {before:10.0f} events/s  ({before_cpu:.0f} per CPU-second, "
-              f"{alerts} alerts)", flush=True)
-        bare, bare_cpu, _ = engine_rate(jsonl, total)
-        print(f"Engine.process alone:        {bare:10.0f} events/s  ({bare_cpu:.0f} per CPU-second; "
-              "events decoded and validated beforehand)", flush=True)
         env = topics_env(bootstrap, f"tp{os.getpid()}")
         produce_all(bootstrap, env, messages)
         decode = asyncio.run(_consume_decode(bootstrap, env, total))
         print(f"consume + decode loop:       {decode:10.0f} events/s", flush=True)
         worker, worker_cpu = worker_rate(env, total)
-        # The machine may be shared: the ceiling is measured again right after, and the two averaged;
-        # events per CPU-second compare the cost per event whatever else runs beside.
-        after, after_cpu, _ = replay_rate(jsonl, total)
-        jsonl.unlink()
-        workdir.rmdir()
-        ceiling, ceiling_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
-        print(f"engine's replay, again:      {after:10.0f} events/s  ({after_cpu:.0f} per CPU-second)", flush=True)
-        print(f"one worker (faust):          {worker:10.0f} events/s  = {worker / ceiling:.2f} x the engine's replay "
-              f"({ceiling:.0f}), {worker / decode:.2f} x consume+decode", flush=True)
-        print(f"  per CPU-second:            {worker_cpu:10.0f} events   = {worker_cpu / ceiling_cpu:.2f} x the "
-              f"engine's replay ({ceiling_cpu:.0f}), {worker_cpu / bare_cpu:.2f} x Engine.process alone", flush=True)
+        print(f"one worker (faust):          {worker:10.0f} events/s", flush=True)
         lat, achieved = latency(bootstrap, args.rate, args.latency_s)
         if not lat:
             print("latency: no alerts came back", flush=True)
-            return 1
-        print(f"latency at {achieved} events/s over {args.latency_s:.0f} s, {len(lat)} alerts: "
-              f"p50 {pct(lat, 0.5) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms, "
-              f"max {max(lat) * 1000:.0f} ms, mean {statistics.mean(lat) * 1000:.0f} ms", flush=True)
-        ok = worker >= 10_000 and worker >= ceiling / 2 and pct(lat, 0.99) < 1.0
-        print(f"targets (>= 10,000 events/s, >= 0.5 x the engine's replay, p99 < 1 s): {'met' if ok else 'NOT met'}")
-        return 0
+            return None
+        return {"worker": worker, "worker_cpu": worker_cpu, "decode": decode, "latency": lat, "achieved": achieved}
     finally:
         if broker is not None:
             broker.stop()

@@ -24,11 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 T0 = 1_790_000_000.0
 
 
-def topic_env(bootstrap: str, stem: str, partitions: int = 1) -> dict[str, str]:
+def topic_env(bootstrap: str, stem: str, partitions: int = 1, replication_factor: int = 1) -> dict[str, str]:
     """Environment for a worker on fresh, unique topics (all pre-created with ``partitions``)."""
     tag = f"{stem}{os.getpid()}x{next(_ids)}x{int(time.time() * 1000) % 100000}"
     names = {k: f"t.{tag}.{k}" for k in ("gpu", "process", "network", "dns", "alerts", "deadletter", "feedback")}
-    create_topics(bootstrap, names.values(), partitions=partitions)
+    create_topics(bootstrap, names.values(), partitions=partitions, replication_factor=replication_factor,
+                  topic_config={"min.insync.replicas": "2"} if replication_factor > 1 else None)
     env = {f"GPUSENTRY_TOPICS__{k.upper()}": v for k, v in names.items()}
     env.update({"GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "GPUSENTRY_KAFKA__PARTITIONS": str(partitions),
                 "GPUSENTRY_WORKER__APP_ID": f"app-{tag}", "GPUSENTRY_WORKER__CHECKPOINT_INTERVAL_S": "0.5",
@@ -94,8 +95,10 @@ class WorkerProcess:
         return total
 
 
-def producer(bootstrap: str) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": False,
+def producer(bootstrap: str, *, idempotent: bool = False) -> Producer:
+    """A producer keyed like the agents' (murmur2).  ``idempotent`` (as the agent publishes) keeps each partition's
+    order through broker restarts and leader changes; without it a retry can land a batch behind later ones."""
+    return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": idempotent,
                      "message.max.bytes": 12_000_000, "partitioner": "murmur2_random"})
 
 

@@ -67,7 +67,7 @@ def stream(cycles: range) -> list[tuple[str, str, list]]:
 
 
 def publish(bootstrap: str, env: dict[str, str], messages: list[tuple[str, str, list]]) -> None:
-    p = producer(bootstrap)
+    p = producer(bootstrap, idempotent=True)  # as agents publish: order kept through the restart
     topics = {"gpu": env["GPUSENTRY_TOPICS__GPU"], "process": env["GPUSENTRY_TOPICS__PROCESS"]}
     for dataset, host, batch in messages:
         produce(p, topics[dataset], host, batch)
