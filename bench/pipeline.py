@@ -356,7 +356,6 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=1500.0, help="simulated seconds per host")
     ap.add_argument("--latency-s", type=float, default=20.0)
     ap.add_argument("--rate", type=int, default=5000, help="events/s for the latency run")
-    args = ap.parse_args()
     ap.add_argument("--broker", choices=("kafka", "tansu", "both"), default="both",
                     help="Apache Kafka (resolved with Maven), the embedded broker, or both in one run (default)")
     args = ap.parse_args()
