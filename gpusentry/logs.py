@@ -35,8 +35,39 @@ class EcsJsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+class RepeatFilter(logging.Filter):
+    """Say a Kafka client's complaint once per ``window_s``, not once per retry.
+
+    While a broker is away, aiokafka logs every failed connect, metadata update, fetch and heartbeat: hundreds of
+    ERROR lines a minute that bury the one line that matters.  A record of a client logger whose message template
+    was already shown in the last ``window_s`` is counted instead; the next one shown after the window says how
+    many were held back.  Other loggers pass untouched."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka",), window_s: float = 60.0) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.window_s = window_s
+        self._shown: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (shown at, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        shown = self._shown.get(key)
+        if shown is not None and record.created - shown[0] < self.window_s:
+            self._shown[key] = (shown[0], shown[1] + 1)
+            return False
+        if shown is not None and shown[1]:
+            record.msg = f"{record.msg} ({shown[1]} more like this in the last {self.window_s:.0f} s held back)"
+        self._shown[key] = (record.created, 0)
+        if len(self._shown) > 1024:  # templates, not messages: this stays small; bound it anyway
+            self._shown.pop(next(iter(self._shown)))
+        return True
+
+
 def configure(level: str, fmt: str, service: str = "gpusentry") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(EcsJsonFormatter(service))
     else:

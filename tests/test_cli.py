@@ -134,3 +134,28 @@ def test_ctrl_c_makes_the_agent_exit_130(tmp_path):
         seen += p.stderr.readline()
     p.send_signal(signal.SIGINT)
     assert p.wait(30) == 130, seen
+
+
+def test_a_kafka_clients_repeated_complaint_is_said_once_a_minute_with_a_count():
+    """A broker away for a minute made the worker print hundreds of aiokafka ERROR lines; now one, then a count."""
+    import logging
+
+    from gpusentry.logs import RepeatFilter
+
+    f = RepeatFilter(window_s=60.0)
+
+    def record(name: str, msg: str, at: float, *args: object) -> logging.LogRecord:
+        r = logging.LogRecord(name, logging.ERROR, __file__, 1, msg, args, None)
+        r.created = at
+        return r
+
+    connect = "Unable connect to node with id %s: %s"
+    shown = [f.filter(record("aiokafka", connect, t, 1, "refused")) for t in (0.0, 0.5, 1.0, 30.0)]
+    assert shown == [True, False, False, False]
+    assert f.filter(record("aiokafka.consumer.fetcher", "Failed fetch messages from %s", 2.0, 1)), \
+        "another complaint is said too"
+    assert f.filter(record("streams.kafka_io", "broker did not answer %s", 3.0, "x"))
+    assert f.filter(record("streams.kafka_io", "broker did not answer %s", 3.1, "x")), "our own lines are never held"
+    later = record("aiokafka", connect, 61.0, 1, "refused")
+    assert f.filter(later) and "3 more like this" in later.getMessage() and "refused" in later.getMessage()
+    assert not f.filter(record("aiokafka", connect, 62.0, 1, "refused"))
