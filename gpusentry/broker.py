@@ -178,6 +178,27 @@ def create_topics(bootstrap_servers: str, topics: Iterable[str], *, partitions: 
                 raise BrokerUnavailable(f"could not create topic {name!r}: {exc}") from exc
 
 
+def refuse_auto_create() -> None:
+    """Make every aiokafka metadata request say allow_auto_topic_creation=false (aiokafka sends true).
+
+    On a broker with auto.create.topics.enable (Kafka's default) a client asking for a topic that is missing
+    (deleted, or a broker that lost it) would create it with the broker's default partition count: a host's events
+    could then meet another partition's state.  gpusentry creates its topics itself and reports missing ones."""
+    import aiokafka.client
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    if getattr(aiokafka.client.MetadataRequest, "gpusentry_no_auto_create", False):
+        return
+
+    class NoAutoCreateMetadataRequest(MetadataRequest):
+        gpusentry_no_auto_create = True
+
+        def __init__(self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = False) -> None:
+            super().__init__(topics, allow_auto_topic_creation)
+
+    aiokafka.client.MetadataRequest = NoAutoCreateMetadataRequest
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` of a child that must not outlive its parent however the parent ends (SIGKILL included):
     the kernel sends it SIGTERM when the parent thread exits (Linux ``PR_SET_PDEATHSIG``; elsewhere a no-op)."""

@@ -24,7 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from gpusentry.broker import CLIENT_TUNING, BrokerUnavailable, create_topics
+from gpusentry.broker import CLIENT_TUNING, BrokerUnavailable, create_topics, refuse_auto_create
 from gpusentry.config import Config
 from gpusentry.contract import Dataset, decode_message
 from gpusentry.timefmt import format_timestamp
@@ -73,6 +73,7 @@ def reject_record(value: bytes | None, reason: str, code: str, now: float, where
 async def forward(cfg: Config, stop: asyncio.Event, *, clock: Clock | None = None,
                   dead_letters: DeadLetterSink | None = None) -> ForwardSummary:
     """Run until ``stop`` is set; return what was done."""
+    refuse_auto_create()  # reading a missing alerts topic must not create it
     clock = clock or Clock()
     outputs = build_outputs(cfg, clock=clock)
     if not outputs:

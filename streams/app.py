@@ -23,6 +23,7 @@ from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from detectors.engine import Engine
+from gpusentry.broker import refuse_auto_create
 from gpusentry.config import Config
 from streams.feedback import Suppressions
 from streams.kafka_io import KafkaClients, bootstrap_list
@@ -187,6 +188,7 @@ class WorkerApp:
 
 def build_app(cfg: Config, *, engine: Engine | None = None, metrics: WorkerMetrics | None = None) -> WorkerApp:
     global _fetch_max_wait_ms
+    refuse_auto_create()  # faust's consumer and the worker's own clients: a missing topic stays missing
     if not cfg.kafka.bootstrap_servers:
         raise ValueError("kafka.bootstrap_servers is empty; set it (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS=host:9092) "
                          "or use `gpusentry up`, which starts the embedded broker")

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 _EMPTY_POLL_MS = 250
 
 
+# Called (no arguments) each time the broker answers again after failed attempts: the worker then checks its topics.
+broker_back: list[Callable[[], object]] = []
+
+
 # Errors that mean "the broker is not there right now" (restarting, a network cut): wait and ask again.
 _TRANSIENT = (KafkaTimeoutError, KafkaConnectionError, NodeNotReadyError)
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
@@ -49,6 +53,8 @@ async def until_answered(what: str, call: Callable[[], Awaitable[Any]], *,
             continue
         if failures:
             log.warning("broker answers %s again after %d failed attempt(s)", what, failures)
+            for callback in broker_back:
+                callback()
         return result
 
 

@@ -50,6 +50,9 @@ class WorkerMetrics:
                                            "Checkpoints not written because they exceeded worker.checkpoint_max_bytes.",
                                            registry=r)
         self.restores = Counter("gpusentry_worker_restores", "Partition checkpoints restored.", registry=r)
+        self.topic_problems = Gauge("gpusentry_worker_topic_problems", "Topics missing or with another partition "
+                                    "count than the worker started with, at the last check (every "
+                                    "worker.topic_check_s and after the broker answers again).", registry=r)
         self.feedback = Gauge("gpusentry_worker_suppressions_active", "Analyst suppressions in force.", registry=r)
         self.feedback_rejected = Counter("gpusentry_worker_feedback_rejected",
                                          "Analyst verdicts refused, by reason (unsigned, unknown_key, bad_signature, "

@@ -7,6 +7,7 @@ topics with at least as many partitions as workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from typing import Any
@@ -14,11 +15,12 @@ from typing import Any
 import faust
 import mode
 from aiokafka.errors import KafkaError
+from confluent_kafka import KafkaException
 
 from gpusentry.config import Config
 from streams.app import WorkerApp, build_app
 from streams.feedback import FeedbackError, Verifier, parse_feedback
-from streams.kafka_io import checkpoint_topic, follow_feedback
+from streams.kafka_io import broker_back, checkpoint_topic, follow_feedback
 from streams.pipeline import DeadLetterReason
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,29 @@ GC_THRESHOLDS = (100_000, 50, 100)  # measured: +30 % engine throughput over the
 
 class TopicsMissing(RuntimeError):
     pass
+
+
+def list_topics(cfg: Config) -> dict[str, Any]:
+    """Topic name -> metadata (confluent-kafka's admin client, which never creates topics)."""
+    from confluent_kafka.admin import AdminClient
+
+    return dict(AdminClient(cfg.kafka.confluent_config()).list_topics(timeout=15).topics)
+
+
+def topic_problems(cfg: Config, existing: dict[str, Any], partitions: int) -> list[str]:
+    """What is wrong with the topics now, compared with what the worker started with; each with its fix."""
+    problems = [f"topic {t!r} is missing: recreate it with {partitions} partition(s) (gpusentry worker "
+                "--create-topics), or restore the broker's data" for t in cfg.topics.all() if t not in existing]
+    for t in cfg.topics.event_topics().values():
+        if t in existing and len(existing[t].partitions) != partitions:
+            problems.append(f"topic {t!r} has {len(existing[t].partitions)} partition(s), the worker started with "
+                            f"{partitions}: a host's events no longer meet one partition's state; give every event "
+                            "topic the same count and restart the workers")
+    ckpt = checkpoint_topic(cfg)
+    if ckpt not in existing:
+        problems.append(f"checkpoint topic {ckpt!r} is missing: a restart would replay from scratch; restart the "
+                        "worker to create it")
+    return problems
 
 
 def ensure_topics(cfg: Config, *, create: bool) -> int:
@@ -77,9 +102,11 @@ def ensure_topics(cfg: Config, *, create: bool) -> int:
 class PipelineService(mode.Service):
     """Starts before the faust app and stops after it: own clients, feedback reader, metrics server."""
 
-    def __init__(self, wa: WorkerApp, **kwargs: Any) -> None:
+    def __init__(self, wa: WorkerApp, partitions: int | None = None, **kwargs: Any) -> None:
         self.wa = wa
+        self.partitions = partitions or wa.cfg.kafka.partitions
         self._stop_feedback = asyncio.Event()
+        self._check_topics_now = asyncio.Event()
         self.verifier = Verifier.from_settings(wa.cfg.feedback)
         super().__init__(**kwargs)
 
@@ -95,6 +122,9 @@ class PipelineService(mode.Service):
                         "analyst's public key (gpusentry feedback keygen prints it)")
         partitions = await self.wa.clients.partitions(self.wa.cfg.topics.feedback)
         self.add_future(follow_feedback(self.wa.cfg, self._on_feedback, self._stop_feedback, caught_up, partitions))
+        loop = asyncio.get_running_loop()
+        broker_back.append(lambda: loop.call_soon_threadsafe(self._check_topics_now.set))
+        self.add_future(self._watch_topics())
         # Nothing is published before the suppressions already on the feedback topic are known.
         await asyncio.wait_for(caught_up.wait(), timeout=60)
         log.info("feedback applied: %d suppression(s) in force", len(self.wa.suppressions))
@@ -103,6 +133,27 @@ class PipelineService(mode.Service):
         # alive now lives for the whole run: move it out of the collector's way and collect less often.
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+
+    async def _watch_topics(self) -> None:
+        """Every ``worker.topic_check_s``, and as soon as the broker answers again: are the topics still what the worker
+        started with?  Said when it changes (an error per problem, one line when they are gone)."""
+        said: list[str] = []
+        while not self._stop_feedback.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_topics_now.wait(), self.wa.cfg.worker.topic_check_s)
+            self._check_topics_now.clear()
+            try:
+                existing = await asyncio.to_thread(list_topics, self.wa.cfg)
+            except KafkaException:
+                continue  # the broker is away: the clients say so; check again when it answers
+            problems = topic_problems(self.wa.cfg, existing, self.partitions)
+            self.wa.metrics.topic_problems.set(len(problems))
+            if problems != said:
+                for problem in problems:
+                    log.error("%s", problem)
+                if said and not problems:
+                    log.warning("the topics are as the worker started with them again")
+            said = problems
 
     async def _on_feedback(self, value: bytes | None, partition: int, offset: int) -> None:
         try:
@@ -127,6 +178,7 @@ class PipelineService(mode.Service):
 
     async def on_stop(self) -> None:
         self._stop_feedback.set()
+        self._check_topics_now.set()
         try:
             written = await self.wa.pipeline.checkpoint_due(force=True)
             log.info("final checkpoints written: %d", written)
@@ -139,9 +191,9 @@ def run_worker(cfg: Config, *, create_topics: bool = False) -> int:
     if not cfg.kafka.bootstrap_servers:
         raise ValueError("kafka.bootstrap_servers is empty; set it (GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS=host:9092), "
                          "or use `gpusentry up`, which starts the embedded broker")
-    ensure_topics(cfg, create=create_topics)
+    partitions = ensure_topics(cfg, create=create_topics)
     wa = build_app(cfg)
-    service = PipelineService(wa)
+    service = PipelineService(wa, partitions)
     worker = faust.Worker(wa.app, service, loglevel=cfg.logging.level.lower(), quiet=True,
                           override_logging=False, redirect_stdouts=False)
     try:

@@ -32,6 +32,10 @@ class WorkerSettings(Section):
     session_timeout_s: float = Field(
         10.0, ge=1, le=300, description="Consumer group session timeout; a dead worker's partitions move "
         "after this long.")
+    topic_check_s: float = Field(
+        30.0, ge=1, le=3600, description="How often the worker checks that its topics exist with the partition "
+        "counts it started with (also right after the broker answers again); a problem is logged as an error "
+        "and shown by `gpusentry_worker_topic_problems`.")
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1 at this port; 0 turns them off.")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
