@@ -14,18 +14,36 @@ compared with `gpusentry replay`'s engine run over the same messages:
 * unresolved: incidents whose last update is not `resolved` although the replay resolves them;
 * hosts with replay keys: hosts whose incidents carry exactly the dedup keys `replay` gives them.
 
+With ``--broker kafka`` (Apache Kafka, its data on disk) a third fault joins them in turn: the broker SIGKILLed
+and started again with its data while the worker runs ("restart"); the worker must ride through it.
+
+Then, unless ``--no-outputs``:
+
+* a webhook outage: a `gpusentry forward` process delivers one alert a second to an endpoint that answers 429
+  with Retry-After, then 500s, then hangs past the output's timeout (20 s each) before it recovers: every alert
+  must arrive once, none may become a dead letter;
+* a clock-poisoned replay: half the hosts get an idle GPU sample and a piece of miner evidence dated 2999 inside an
+  incident, and a sample an hour behind; every incident must open, update and resolve as in the clean replay.
+
 Targets: all zero, in every run.
 
-    python bench/faults.py [--runs 6] [--seed 1]
+    python bench/faults.py [--runs 6] [--seed 1] [--broker tansu|kafka] [--faults single,move,restart]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import os
 import random
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +164,144 @@ def one_run(broker: Any, kind: str, rng: random.Random, messages: dict[str, Any]
             "worker_exited": 0 if survived else 1}
 
 
+class TroubledWebhook:
+    """A webhook endpoint in trouble for a while, then well: 429 with Retry-After, then 500s, then hanging past the
+    output's timeout, then 204 for good.  Phases are seconds from start(); what it accepted is kept by event.id."""
+
+    def __init__(self, phase_s: float, hang_s: float) -> None:
+        self.phase_s, self.hang_s = phase_s, hang_s
+        self.accepted: list[tuple[float, str]] = []  # (seconds from start, event.id)
+        self.answers: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                at = time.monotonic() - hook.started
+                phase = int(at // hook.phase_s)
+                status, headers = (429, {"Retry-After": "5"}) if phase == 0 else (500, {}) if phase == 1 else \
+                    (0, {}) if phase == 2 else (204, {})
+                with hook.lock:
+                    hook.answers[{429: "429", 500: "500", 0: "hang", 204: "204"}[status]] += 1
+                if status == 0:
+                    time.sleep(hook.hang_s)  # longer than the output's timeout: the attempt fails
+                    status = 503
+                if status == 204:
+                    with hook.lock:
+                        hook.accepted.append((at, json.loads(body)["event"]["id"]))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.started = time.monotonic()
+
+    def start(self) -> TroubledWebhook:
+        self.started = time.monotonic()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def recovered_at(self) -> float:
+        return 3 * self.phase_s
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def webhook_run(bootstrap: str, phase_s: float = 20.0) -> dict[str, Any]:
+    """The forwarder (a `gpusentry forward` process) through a webhook outage of 3 x ``phase_s``: one alert a second
+    from before the outage to after it.  Every alert must arrive once, none may end as a dead letter."""
+    from tests.outputs_helpers import alert
+
+    env = topic_env(bootstrap, "faultwebhook", partitions=2)
+    hook = TroubledWebhook(phase_s, hang_s=12.0)
+    env.update({"GPUSENTRY_OUTPUTS__GROUP_ID": f"faults-webhook-{time.time_ns()}",
+                "GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true", "GPUSENTRY_OUTPUTS__WEBHOOK__URL": hook.url,
+                "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": "bench-secret", "GPUSENTRY_OUTPUTS__WEBHOOK__TIMEOUT_S": "5"})
+    workdir = Path(tempfile.mkdtemp(prefix="gpusentry-faults-"))
+    (workdir / "gpusentry.toml").write_text("")
+    log = open(workdir / "forward.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "forward", "--config",
+                             str(workdir / "gpusentry.toml")], cwd=ROOT, env={**os.environ, **env}, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    p = producer(bootstrap, idempotent=True)
+    sent: dict[str, float] = {}
+    try:
+        hook.start()
+        total_s = 3 * phase_s + 15
+        for i in range(int(total_s)):
+            a = alert(i, **{"@timestamp": c.format_timestamp(time.time())})
+            p.produce(env["GPUSENTRY_TOPICS__ALERTS"], c.encode(a), key=a["gpusentry"]["alert"]["dedup_key"])
+            p.poll(0)
+            sent[a["event"]["id"]] = time.monotonic() - hook.started
+            time.sleep(1.0)
+        assert p.flush(30) == 0
+        deadline = time.monotonic() + 120
+        while len({i for _, i in hook.accepted}) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        alive = proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        hook.stop()
+    dead = read_topic(bootstrap, env["GPUSENTRY_TOPICS__DEADLETTER"], until=lambda m: False, timeout=3)
+    got = Counter(i for _, i in hook.accepted)
+    last = max((at for at, _ in hook.accepted), default=float("nan"))
+    return {"kind": "webhook", "alerts": len(sent), "during": sum(1 for at in sent.values() if at < hook.recovered_at),
+            "answers": dict(hook.answers), "delivered": len(set(got) & set(sent)),
+            "twice": sum(n - 1 for n in got.values() if n > 1), "dead_letters": len(dead),
+            "after_recovery": sum(1 for at, _ in hook.accepted if at >= hook.recovered_at),
+            "drained_s": last - hook.recovered_at, "forwarder_exited": 0 if alive else 1}
+
+
+def clock_run(messages: dict[str, list[tuple[str, list[dict[str, Any]]]]]) -> dict[str, Any]:
+    """The fleet replayed with poisoned clocks on half the hosts, against the same fleet clean: one idle GPU
+    sample dated 2999 while the miner runs, one piece of miner evidence dated 2999, and a sample an hour
+    behind.  Every incident must still open, update and resolve as in the clean replay."""
+    def poisoned(host: str, msgs: list[tuple[str, list[dict[str, Any]]]]) -> list[tuple[str, list[dict[str, Any]]]]:
+        out = list(msgs)
+        far = c.format_timestamp(32_503_680_000.0)  # 2999-12-31
+        idle = copy.deepcopy(gpu_batch(host, T0 + 10 * 30)[0])
+        idle["@timestamp"] = far
+        evidence = copy.deepcopy(miner_start(host, T0 + 10 * 31, pid=41_000))
+        evidence["@timestamp"] = far
+        behind = copy.deepcopy(gpu_batch(host, T0 + 10 * 120)[0])
+        behind["@timestamp"] = c.format_timestamp(T0 + 10 * 120 - 3600)
+        # Inside the first episode (the miner runs from cycle 20 + 2i), and during the second.
+        for at, batch in ((2 * 34, [idle]), (2 * 35 + 1, [evidence]), (2 * 130, [behind])):
+            out.insert(at, ("gpu" if batch[0]["event"]["dataset"] == "gpusentry.gpu" else "process", batch))
+        return out
+
+    bad = {h: poisoned(h, m) if i % 2 == 0 else m for i, (h, m) in enumerate(messages.items())}
+    want, _ = expected(messages)
+    engine = Engine(strict=True)
+    got: dict[str, dict[str, str]] = defaultdict(dict)
+    for host, msgs in bad.items():
+        for _, batch in msgs:
+            for ev in batch:
+                for a in engine.process(c.validate_or_raise(c.expand_dotted(ev))):
+                    got[host][a["gpusentry"]["alert"]["dedup_key"]] = a["gpusentry"]["alert"]["status"]
+    rejects = len(engine.drain_clock_rejects())
+    lost = sum(max(0, len(want[h]) - len(got.get(h, {}))) for h in want)
+    doubled = sum(max(0, len(got.get(h, {})) - len(want[h])) for h in want)
+    unresolved = sum(1 for h in want for k, s in want[h].items() if s == "resolved" and got.get(h, {}).get(k) != s)
+    return {"kind": "clock", "poisoned_hosts": len(HOSTS) // 2, "poisoned_events": 3 * (len(HOSTS) // 2),
+            "clock_skew": rejects, "lost": lost, "doubled": doubled, "unresolved": unresolved,
+            "clock_jumps": engine.findings_by_rule.get("agent.clock_jump", 0)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=6)
@@ -154,6 +310,7 @@ def main() -> int:
                     help="the embedded broker, or Apache Kafka (resolved with Maven; adds broker-restart runs)")
     ap.add_argument("--faults", default="", help="comma-separated subset of single,move,restart (default: all the "
                     "broker allows, in turn)")
+    ap.add_argument("--no-outputs", action="store_true", help="skip the webhook-outage and clock-poisoning runs")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     messages = fleet()
@@ -189,12 +346,32 @@ def main() -> int:
                   f"{r['doubled']:>7} "
                   f"{r['resent']:>7} {r['unresolved']:>10} {r['same_keys']:>19}/{len(HOSTS)} {r['worker_exited']:>13}",
                   flush=True)
+        if not args.no_outputs:
+            print("webhook outage: 429 + Retry-After, then 500s, then hanging past the timeout (20 s each), "
+                  "then well; one alert a second throughout", flush=True)
+            w = webhook_run(broker.bootstrap_servers)
+            print(f"    alerts {w['alerts']} ({w['during']} during the outage), endpoint answers {w['answers']}, "
+                  f"delivered {w['delivered']}/{w['alerts']} ({w['after_recovery']} after recovery, the last "
+                  f"{w['drained_s']:.0f} s after it), delivered twice {w['twice']}, dead letters "
+                  f"{w['dead_letters']}, forwarder exited {w['forwarder_exited']}", flush=True)
     finally:
         broker.stop()
     bad = [r for r in rows if r["lost"] or r["doubled"] or r["resent"] or r["unresolved"] or r["missing"]
            or r["worker_exited"]]
-    print(f"{'PASS' if not bad else 'FAIL'}: {len(rows) - len(bad)}/{len(rows)} runs with no lost or doubled "
-          "incident, no re-sent or missing update, every incident resolved and no worker exit")
+    if not args.no_outputs:
+        k = clock_run(messages)
+        print(f"clock-poisoned replay: {k['poisoned_events']} events on {k['poisoned_hosts']} hosts dated 2999 or an "
+              f"hour behind; {k['clock_skew']} refused as clock_skew, {k['clock_jumps']} agent.clock_jump findings; "
+              f"lost {k['lost']}, doubled {k['doubled']}, unresolved {k['unresolved']} incidents against the clean "
+              "replay", flush=True)
+        if w["delivered"] < w["alerts"] or w["twice"] or w["dead_letters"] or w["forwarder_exited"]:
+            bad.append(w)
+        if k["lost"] or k["doubled"] or k["unresolved"]:
+            bad.append(k)
+    print(f"{'PASS' if not bad else 'FAIL'}: {len(rows) - len([r for r in bad if r in rows])}/{len(rows)} worker "
+          "runs with no lost or doubled incident, no re-sent or missing update, every incident resolved and no worker "
+          "exit" + ("" if args.no_outputs else f"; webhook outage {'clean' if w not in bad else 'FAILED'}; "
+                                                  f"clock poisoning {'clean' if k not in bad else 'FAILED'}"))
     return 1 if bad else 0
 
 
