@@ -41,7 +41,7 @@ class RepeatFilter(logging.Filter):
     While a broker is away, aiokafka logs every failed connect, metadata update, fetch and heartbeat: hundreds of
     ERROR lines a minute that bury the one line that matters.  A record of a client logger whose message template
     was already shown in the last ``window_s`` is counted instead; the next one shown after the window says how
-    many were held back.  Other loggers pass untouched."""
+    many were held back.  Other loggers, and the clients' INFO lines, pass untouched."""
 
     def __init__(self, prefixes: tuple[str, ...] = ("aiokafka",), window_s: float = 60.0) -> None:
         super().__init__()
@@ -50,8 +50,8 @@ class RepeatFilter(logging.Filter):
         self._shown: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (shown at, held back since)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(self.prefixes):
-            return True
+        if record.levelno < logging.WARNING or not record.name.startswith(self.prefixes):
+            return True  # the clients' INFO lines (joins, assignments) are the story of a rebalance: keep them
         key = (record.name, record.levelno, str(record.msg))
         shown = self._shown.get(key)
         if shown is not None and record.created - shown[0] < self.window_s:

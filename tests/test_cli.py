@@ -159,3 +159,6 @@ def test_a_kafka_clients_repeated_complaint_is_said_once_a_minute_with_a_count()
     later = record("aiokafka", connect, 61.0, 1, "refused")
     assert f.filter(later) and "3 more like this" in later.getMessage() and "refused" in later.getMessage()
     assert not f.filter(record("aiokafka", connect, 62.0, 1, "refused"))
+    info = record("aiokafka.consumer.group_coordinator", "Revoking previously assigned partitions %s", 63.0, "x")
+    info.levelno = logging.INFO
+    assert f.filter(info) and f.filter(info), "a rebalance's INFO lines are never held"
