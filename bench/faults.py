@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,27 @@ def publish(bootstrap: str, env: dict[str, str], messages: dict[str, list[tuple[
     assert p.flush(30) == 0
 
 
+def survivor_pause(log_text: str, after: float) -> float | None:
+    """Seconds the surviving worker's detection stood still in the rebalance after ``after`` (a wall time): from
+    its consumer revoking its partitions to the last partition it kept or restored.  Read from its log, so the
+    same measure applies to builds that keep partitions through a rebalance and to builds that restore them all."""
+    revoked = last = None
+    for line in log_text.splitlines():
+        try:
+            at = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        if at < after:
+            continue
+        if revoked is None and "Revoking previously assigned partitions" in line:
+            revoked = at
+        elif revoked is not None and ("kept partition" in line or "restored partition" in line):
+            last = at
+        elif last is not None and "Revoking previously assigned partitions" in line:
+            break
+    return None if revoked is None or last is None else last - revoked
+
+
 def one_run(broker: Any, kind: str, rng: random.Random, messages: dict[str, Any],
             want: dict[str, dict[str, str]], updates: int) -> dict[str, Any]:
     bootstrap = broker.bootstrap_servers
@@ -125,6 +147,7 @@ def one_run(broker: Any, kind: str, rng: random.Random, messages: dict[str, Any]
     if kind == "move":
         workers.append(WorkerProcess(env, f"{kind}-b").start())
     idempotent = isinstance(broker, KafkaCluster)
+    killed_at = time.time()
     try:
         publish(bootstrap, env, messages, range(split), idempotent=idempotent)
         read_topic(bootstrap, env["GPUSENTRY_TOPICS__ALERTS"], until=lambda m: len(m) >= 8, timeout=90)
@@ -135,6 +158,7 @@ def one_run(broker: Any, kind: str, rng: random.Random, messages: dict[str, Any]
             time.sleep(rng.uniform(1.0, 5.0))
             broker.start_node(1)
         else:
+            killed_at = time.time()
             workers[0].kill()
         if kind == "single":
             workers.append(WorkerProcess(env, f"{kind}-c").start())
@@ -142,6 +166,7 @@ def one_run(broker: Any, kind: str, rng: random.Random, messages: dict[str, Any]
         got = alerts_of(read_topic(bootstrap, env["GPUSENTRY_TOPICS__ALERTS"], until=lambda m: len(m) >= updates,
                                    timeout=300, settle=6.0))
         survived = all(w.proc is not None and w.proc.poll() is None for w in workers[-1:])
+        pause = survivor_pause(workers[1].log(), killed_at) if kind == "move" else None
     finally:
         for w in workers:
             w.kill()
@@ -161,7 +186,7 @@ def one_run(broker: Any, kind: str, rng: random.Random, messages: dict[str, Any]
             "missing": max(0, updates - len(ids)), "lost": lost, "doubled": doubled,
             "resent": sum(n - 1 for n in ids.values() if n > 1), "unresolved": unresolved,
             "same_keys": sum(1 for h in want if set(want[h]) == set(seen.get(h, {}))),
-            "worker_exited": 0 if survived else 1}
+            "worker_exited": 0 if survived else 1, "pause": pause}
 
 
 class TroubledWebhook:
@@ -338,14 +363,15 @@ def main() -> int:
         print(f"{args.broker}: {len(HOSTS)} hosts, {CYCLES} cycles, 2 topics x 4 partitions; expected "
               f"{sum(len(v) for v in want.values())} incidents, {updates} updates; {args.runs} runs, seed {args.seed}")
         print(f"{'run':>3} {'fault':7} {'kill at':>7} {'updates':>7} {'missing':>7} {'lost':>5} {'doubled':>7} "
-              f"{'re-sent':>7} {'unresolved':>10} {'hosts with replay keys':>22} {'worker exited':>13}")
+              f"{'re-sent':>7} {'unresolved':>10} {'hosts with replay keys':>22} {'worker exited':>13} "
+              f"{'survivor paused':>15}")
         for n in range(args.runs):
             r = one_run(broker, kinds[n % len(kinds)], rng, messages, want, updates)
             rows.append(r)
             print(f"{n + 1:>3} {r['kind']:7} {r['split']:>7} {r['updates']:>7} {r['missing']:>7} {r['lost']:>5} "
                   f"{r['doubled']:>7} "
-                  f"{r['resent']:>7} {r['unresolved']:>10} {r['same_keys']:>19}/{len(HOSTS)} {r['worker_exited']:>13}",
-                  flush=True)
+                  f"{r['resent']:>7} {r['unresolved']:>10} {r['same_keys']:>19}/{len(HOSTS)} {r['worker_exited']:>13} "
+                  f"{'' if r['pause'] is None else format(r['pause'], '.2f') + ' s':>15}", flush=True)
         if not args.no_outputs:
             print("webhook outage: 429 + Retry-After, then 500s, then hanging past the timeout (20 s each), "
                   "then well; one alert a second throughout", flush=True)

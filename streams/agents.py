@@ -26,7 +26,8 @@ def register(wa: WorkerApp, event_topic: Any) -> None:
 
     async def on_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
         revoked = args[0] if args else kwargs["revoked"]
-        await pipeline.release({tp.partition for tp in revoked if tp.topic in event_topics})
+        # Parked, not forgotten: faust's eager rebalance revokes everything, also what comes straight back.
+        await pipeline.release({tp.partition for tp in revoked if tp.topic in event_topics}, park=True)
 
     async def on_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
         assigned = args[0] if args else kwargs["assigned"]

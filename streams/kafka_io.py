@@ -119,10 +119,19 @@ class KafkaClients:
     async def flush(self) -> None:
         await self.producer.flush()
 
-    async def write_checkpoint(self, partition: int, blob: bytes) -> None:
+    async def write_checkpoint(self, partition: int, blob: bytes) -> int:
         # One record per send, so a batch never holds two checkpoints (see _EMPTY_POLL_MS).
-        await until_answered("a checkpoint write", lambda: self.producer.send_and_wait(
+        written = await until_answered("a checkpoint write", lambda: self.producer.send_and_wait(
             self.checkpoint_topic, blob, key=str(partition).encode(), partition=partition))
+        return int(written.offset)
+
+    async def checkpoint_end(self, partition: int) -> int:
+        tp = TopicPartition(self.checkpoint_topic, partition)
+        async with self._reader_lock:
+            self.reader.assign([tp])
+            end = (await until_answered("the checkpoint's end offset", lambda: self.reader.end_offsets([tp])))[tp]
+            self.reader.assign([])
+        return int(end)
 
     async def partitions(self, topic: str) -> list[int]:
         return await self._partitions(topic)

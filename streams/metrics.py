@@ -50,6 +50,8 @@ class WorkerMetrics:
                                            "Checkpoints not written because they exceeded worker.checkpoint_max_bytes.",
                                            registry=r)
         self.restores = Counter("gpusentry_worker_restores", "Partition checkpoints restored.", registry=r)
+        self.kept = Counter("gpusentry_worker_partitions_kept", "Partitions a rebalance revoked and gave straight "
+                            "back, kept in memory instead of restored from their checkpoint.", registry=r)
         self.topic_problems = Gauge("gpusentry_worker_topic_problems", "Topics missing or with another partition "
                                     "count than the worker started with, at the last check (every "
                                     "worker.topic_check_s and after the broker answers again).", registry=r)

@@ -73,9 +73,11 @@ class KafkaIO(Protocol):
 
     async def flush(self) -> None: ...
 
-    async def write_checkpoint(self, partition: int, blob: bytes) -> None: ...
+    async def write_checkpoint(self, partition: int, blob: bytes) -> int: ...  # the record's offset
 
     async def read_checkpoint(self, partition: int) -> bytes | None: ...
+
+    async def checkpoint_end(self, partition: int) -> int: ...  # the checkpoint partition's end offset
 
     async def alert_end_offsets(self) -> dict[int, int]: ...
 
@@ -113,6 +115,7 @@ class PartitionState:
     # recent_snap: as of the host's snapshot, so a restored host drops only copies its snapshot already holds.
     recent: dict[str, deque[bytes]] = field(default_factory=dict)
     recent_snap: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+    written_at_offset: int | None = None  # where this worker's last checkpoint of the partition landed
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,8 @@ class Pipeline:
         self.worker_id = worker_id
         self.on_alert = on_alert
         self.partitions: dict[int, PartitionState] = {}
+        self._parked: dict[int, PartitionState] = {}  # revoked by a rebalance that may give them back
+        self._revoked_at: float | None = None  # when the current rebalance stopped this worker's detection
         self.lock = asyncio.Lock()
         # Snapshot cost grows with the number of hosts, not events (a host's models have a fixed size), so
         # it is rationed: snapshots may use this share of the time; beyond it they wait (oldest first, as
@@ -190,7 +195,14 @@ class Pipeline:
         async with self.lock:
             part = self.partitions.get(partition)
             if part is None:
-                part = await self._restore(partition)
+                parked = self._parked.pop(partition, None)
+                if parked is not None and await self._still_ours(parked):
+                    self._keep(parked)
+                    part = parked
+                else:
+                    if parked is not None:
+                        self._forget(parked)
+                    part = await self._restore(partition)
             decoded = self._decode(key, value)
             if self.reorder_hold_s <= 0:
                 await self._process(part, topic, offset, key, value, ack, decoded)
@@ -454,7 +466,7 @@ class Pipeline:
                       len(part.blobs))
             part.last_checkpoint = time.monotonic()
             return
-        await self.io.write_checkpoint(part.number, blob)
+        part.written_at_offset = await self.io.write_checkpoint(part.number, blob)
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         waiting = []
@@ -553,14 +565,61 @@ class Pipeline:
     # ------------------------------------------------------------------ rebalance
 
     async def assign(self, numbers: Iterable[int]) -> None:
-        """Restore newly assigned partitions now, so their first message meets its state."""
+        """Take the newly assigned partitions: one this worker held until the rebalance and whose latest checkpoint
+        is still its own is kept as it is in memory; any other is restored now, so its first message meets its
+        state.  Held partitions that went elsewhere are forgotten."""
+        wanted = set(numbers)
+        kept, restored = [], []
         async with self.lock:
-            for n in sorted(set(numbers)):
+            for n in sorted(wanted):
                 if n not in self.partitions:
-                    await self._restore(n)
+                    parked = self._parked.pop(n, None)
+                    if parked is not None and await self._still_ours(parked):
+                        self._keep(parked)
+                        kept.append(n)
+                    else:
+                        if parked is not None:
+                            self._forget(parked)
+                        await self._restore(n)
+                        restored.append(n)
+            for n in sorted(set(self._parked) - wanted):
+                self._forget(self._parked.pop(n))
+            self._clear_published_if_idle()
+        if self._revoked_at is not None:
+            log.info("rebalance: partitions %s kept, %s restored; this worker's detection paused %.2f s", kept,
+                     restored, time.monotonic() - self._revoked_at)
+            self._revoked_at = None
 
-    async def release(self, numbers: Iterable[int]) -> None:
-        """Checkpoint and forget partitions that move to another worker."""
+    async def _still_ours(self, part: PartitionState) -> bool:
+        # Eager rebalancing revokes every partition, also those that come straight back.  If nobody wrote a
+        # checkpoint of it since ours (the end of its checkpoint partition is right after our record), nobody
+        # else processed it in between (a worker that lost the group meanwhile would find someone's record).
+        if part.written_at_offset is None:
+            return False
+        return await self.io.checkpoint_end(part.number) == part.written_at_offset + 1
+
+    def _keep(self, part: PartitionState) -> None:
+        self.partitions[part.number] = part
+        self.metrics.kept.inc()
+        if self.reorder_hold_s > 0:
+            part.last_seen = dict.fromkeys(self.topics.events, time.monotonic())
+        log.info("kept partition %d through the rebalance: %d hosts, offsets %s (its latest checkpoint is this "
+                 "worker's)", part.number, len(part.blobs), part.offsets)
+
+    def _forget(self, part: PartitionState) -> None:
+        for host in set(part.blobs) | part.changed:
+            self.engine.forget_host(host)
+
+    def _clear_published_if_idle(self) -> None:
+        if not self.partitions and not self._parked:
+            self._published_ids.clear()
+            self._published_signatures.clear()
+
+    async def release(self, numbers: Iterable[int], *, park: bool = False) -> None:
+        """Checkpoint partitions that are revoked; with ``park`` (a rebalance, which may give them back), keep
+        their state in memory until :meth:`assign` knows, else forget it."""
+        if park and self.partitions:
+            self._revoked_at = time.monotonic()
         async with self.lock:
             for n in sorted(set(numbers)):
                 part = self.partitions.get(n)
@@ -571,11 +630,11 @@ class Pipeline:
                 del self.partitions[n]
                 if part.dirty or part.pending or part.changed:
                     await self._checkpoint(part, complete=True)
-                for host in set(part.blobs) | part.changed:
-                    self.engine.forget_host(host)
-            if not self.partitions:
-                self._published_ids.clear()
-                self._published_signatures.clear()
+                if park:
+                    self._parked[n] = part
+                else:
+                    self._forget(part)
+            self._clear_published_if_idle()
 
     def lag(self, highwater: Callable[[str, int], int | None]) -> None:
         """Update the lag gauges from the consumer's high watermarks."""

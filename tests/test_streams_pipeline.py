@@ -50,6 +50,10 @@ class FakeIO:
     async def write_checkpoint(self, partition, blob):
         self.log.append(("checkpoint", partition))
         self.checkpoints.setdefault(partition, []).append(blob)
+        return len(self.checkpoints[partition]) - 1
+
+    async def checkpoint_end(self, partition):
+        return len(self.checkpoints.get(partition, []))
 
     async def read_checkpoint(self, partition):
         return (self.checkpoints.get(partition) or [None])[-1]
@@ -400,3 +404,40 @@ def test_a_resent_copy_of_a_message_reaches_the_engine_once_and_a_restore_keeps_
 
     second = run(restored())
     assert second.stats["resent"] == 1 and second.stats["events"] == len(orjson.loads(values[3]))
+
+
+def test_a_partition_a_rebalance_gives_straight_back_is_kept_in_memory_unless_someone_else_checkpointed_it():
+    """faust's eager rebalance revokes every partition, also the survivor's own: those come back without a restore
+    (a partition move used to pause them all while each was read back from its checkpoint)."""
+    values = stream(40)
+
+    async def go() -> tuple[FakeIO, FakeIO]:
+        io = FakeIO()
+        p = pipeline(io)
+        for off, v in enumerate(values[:20]):
+            await p.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+            await p.handle("process", 1, off, b"other-host", v.replace(HOST.encode(), b"other-host"), ack=lambda: None)
+        await p.release({0, 1}, park=True)  # a rebalance begins
+        await p.assign({0})  # partition 0 comes back, 1 went to another worker
+        assert p.metrics.kept._value.get() == 1 and p.metrics.restores._value.get() == 0
+        assert 1 not in p.partitions and not p._parked
+        for off, v in enumerate(values[20:], start=20):
+            await p.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+        # Another rebalance, and meanwhile another worker wrote a checkpoint of partition 0: that one wins.
+        await p.release({0}, park=True)
+        io.checkpoints[0].append(io.checkpoints[0][-1])
+        await p.assign({0})
+        assert p.metrics.kept._value.get() == 1 and p.metrics.restores._value.get() == 1
+        whole = FakeIO()
+        q = pipeline(whole)
+        for off, v in enumerate(values):
+            await q.handle("process", 0, off, HOST.encode(), v, ack=lambda: None)
+        await io.flush()
+        await whole.flush()
+        return io, whole
+
+    io, whole = run(go())
+    mine = [a for a in io.topics["alerts"] if orjson.loads(a)["host"]["name"] == HOST]
+    assert mine, "the miner opened no incident"
+    assert [orjson.loads(a)["gpusentry"]["alert"]["status"] for a in mine] == \
+        [orjson.loads(a)["gpusentry"]["alert"]["status"] for a in whole.topics["alerts"]]
