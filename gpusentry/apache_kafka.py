@@ -147,6 +147,7 @@ class KafkaNode:
     node_id: int
     port: int
     controller_port: int
+    internal_port: int
     data_dir: Path
     config_path: Path
     log_path: Path
@@ -174,13 +175,75 @@ class KafkaCluster:
     progress: Callable[[str], None] | None = None
     listen_ports: dict[int, int] = field(default_factory=dict)
     advertised_ports: dict[int, int] = field(default_factory=dict)
+    # SCRAM-SHA-512 user -> password: clients then connect over SASL_SSL only (a CA and a broker certificate are
+    # made in the work directory), ACLs are enforced and nothing is allowed without one.  "admin" is added as the
+    # super user; the brokers talk to each other on a loopback-only PLAINTEXT listener of their own.
+    scram_users: dict[str, str] | None = None
     members: list[KafkaNode] = field(default_factory=list, init=False)
     _lib: Path | None = field(default=None, init=False, repr=False)
     _own_workdir: bool = field(default=False, init=False, repr=False)
 
     @property
     def bootstrap_servers(self) -> str:
+        """Where clients connect (SASL_SSL when ``scram_users`` is set)."""
         return ",".join(f"127.0.0.1:{n.port}" for n in self.members)
+
+    @property
+    def internal_bootstrap(self) -> str:
+        """The brokers' own PLAINTEXT listener (a super user's; only the fixture itself should use it)."""
+        return ",".join(f"127.0.0.1:{n.internal_port}" for n in self.members)
+
+    @property
+    def secure(self) -> bool:
+        return self.scram_users is not None
+
+    @property
+    def ca_path(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "tls" / "ca.pem"
+
+    def client_env(self, user: str) -> dict[str, str]:
+        """gpusentry settings (environment) for a component connecting as ``user``."""
+        env = {"GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap_servers}
+        if self.scram_users is not None:
+            env.update({"GPUSENTRY_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+                        "GPUSENTRY_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512", "GPUSENTRY_KAFKA__SASL_USERNAME": user,
+                        "GPUSENTRY_KAFKA__SASL_PASSWORD": self.scram_users[user],
+                        "GPUSENTRY_KAFKA__SSL_CAFILE": str(self.ca_path)})
+        return env
+
+    def client_config(self, user: str) -> dict[str, str]:
+        """confluent-kafka (librdkafka) settings for ``user``."""
+        conf = {"bootstrap.servers": self.bootstrap_servers}
+        if self.scram_users is not None:
+            conf.update({"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": user,
+                         "sasl.password": self.scram_users[user], "ssl.ca.location": str(self.ca_path)})
+        return conf
+
+    def _make_certificates(self) -> Path:
+        """A throwaway CA and a broker certificate for 127.0.0.1/localhost; the broker's PEM key store."""
+        openssl = shutil.which("openssl")
+        if not openssl:
+            raise KafkaUnavailable("TLS for the test cluster needs the openssl command (Debian: apt install openssl)")
+        tls = self.ca_path.parent
+        tls.mkdir(parents=True, exist_ok=True)
+
+        def run(*args: str) -> None:
+            done = subprocess.run([openssl, *args], cwd=tls, capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                raise KafkaStartFailed(f"openssl {args[0]} failed: {done.stderr.strip()}")
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=gpusentry test CA")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr", "-subj",
+            "/CN=localhost")
+        (tls / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "broker.pem", "-days", "2", "-extfile", "san.cnf")
+        run("pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.pk8")  # Kafka's PEM store: PKCS#8
+        store = tls / "broker-keystore.pem"
+        store.write_text((tls / "broker.pk8").read_text() + (tls / "broker.pem").read_text())
+        return store
 
     def node(self, node_id: int) -> KafkaNode:
         return next(n for n in self.members if n.node_id == node_id)
@@ -194,6 +257,24 @@ class KafkaCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ids = range(1, self.nodes + 1)
         ports = {i: (self.listen_ports.get(i) or free_port(), free_port()) for i in ids}
+        internal = {i: free_port() for i in ids}
+        scram: list[str] = []
+        security: dict[str, str] = {}
+        if self.scram_users is not None:
+            self.scram_users = {"admin": self.scram_users.get("admin") or uuid.uuid4().hex, **self.scram_users}
+            store = self._make_certificates()
+            scram = [arg for user, password in self.scram_users.items()
+                     for arg in ("--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]")]
+            security = {
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                "ssl.keystore.type": "PEM", "ssl.keystore.location": str(store),
+                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                "allow.everyone.if.no.acl.found": "false",
+                # The brokers' and controllers' own PLAINTEXT connections are ANONYMOUS on loopback.
+                "super.users": "User:admin;User:ANONYMOUS",
+            }
         voters = ",".join(f"{i}@127.0.0.1:{ports[i][1]}" for i in ids)
         replicas = str(min(3, self.nodes))
         # Kafka's cluster ids are 16 random bytes, URL-safe base64 without padding (22 characters).
@@ -202,13 +283,17 @@ class KafkaCluster:
             port, cport = ports[i]
             home = self.workdir / f"node-{i}"
             home.mkdir(exist_ok=True)
+            client = "SASL_SSL" if self.secure else "CLIENT"
             props = {
                 "process.roles": "broker,controller", "node.id": str(i),
                 "controller.quorum.voters": voters,
-                "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-                "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.advertised_ports.get(i, port)}",
-                "controller.listener.names": "CONTROLLER", "inter.broker.listener.name": "PLAINTEXT",
-                "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "listeners": f"{client}://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal[i]},"
+                             f"CONTROLLER://127.0.0.1:{cport}",
+                "advertised.listeners": f"{client}://127.0.0.1:{self.advertised_ports.get(i, port)},"
+                                        f"INTERNAL://127.0.0.1:{internal[i]}",
+                "controller.listener.names": "CONTROLLER", "inter.broker.listener.name": "INTERNAL",
+                "listener.security.protocol.map": f"{client}:{'SASL_SSL' if self.secure else 'PLAINTEXT'},"
+                                                  "INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT",
                 "log.dirs": str(home / "data"),
                 "offsets.topic.replication.factor": replicas, "offsets.topic.num.partitions": "4",
                 "transaction.state.log.replication.factor": replicas,
@@ -223,16 +308,17 @@ class KafkaCluster:
                 "auto.create.topics.enable": "false",
                 "num.partitions": "1", "log.segment.bytes": str(16 << 20),
                 "message.max.bytes": str(12 << 20), "replica.fetch.max.bytes": str(12 << 20),
+                **security,
                 **self.broker_config,
             }
             config = home / "server.properties"
             config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
             (home / "log4j2.yaml").write_text(_LOG4J2.format(path=home / "kafka.log"))
-            node = KafkaNode(i, port, cport, home / "data", config, home / "kafka.log")
+            node = KafkaNode(i, port, cport, internal[i], home / "data", config, home / "kafka.log")
             self.members.append(node)
             fmt = subprocess.run([java, "-cp", f"{self._lib}/*", *self._jvm_flags(node), "kafka.tools.StorageTool",
                                   "format", "--ignore-formatted", f"--cluster-id={cluster_id}",  # an id may begin with "-"
-                                  "-c", str(config)],
+                                  "-c", str(config), *scram],
                                  capture_output=True, text=True, timeout=120)
             if fmt.returncode != 0:
                 self.stop()
@@ -272,7 +358,7 @@ class KafkaCluster:
         while time.monotonic() < deadline:
             if not node.running:
                 break
-            if wait_for_port("127.0.0.1", node.port, 0.5) and self._registered(node):
+            if wait_for_port("127.0.0.1", node.internal_port, 0.5) and self._registered(node):
                 return
             time.sleep(0.2)
         tail = self.log_tail(node.node_id)
@@ -283,7 +369,7 @@ class KafkaCluster:
         from confluent_kafka.admin import AdminClient
 
         try:
-            md = AdminClient({"bootstrap.servers": f"127.0.0.1:{node.port}"}).list_topics(timeout=2)
+            md = AdminClient({"bootstrap.servers": f"127.0.0.1:{node.internal_port}"}).list_topics(timeout=2)
         except Exception:  # noqa: BLE001 - not ready yet is any error here; the caller retries until its deadline
             return False
         return node.node_id in md.brokers
