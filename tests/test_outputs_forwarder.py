@@ -264,3 +264,88 @@ def test_slack_threads_stay_in_memory_when_their_topic_cannot_be_created(monkeyp
     assert output.threads.journal is None
     assert "kept in memory only" in caplog.text and "cleanup.policy=compact" in caplog.text
     assert rx.SLACK_BOT_TOKEN not in caplog.text
+
+
+@pytest.mark.slow
+def test_a_forwarder_killed_mid_batch_loses_nothing_and_its_successor_resends_only_that_batch(bootstrap, topic_factory,
+                                                                                           tmp_path):
+    """SIGKILL while a batch is half delivered: offsets are committed only after a whole batch was delivered, so the
+    successor (same group) delivers the rest; what arrives twice is part of the killed batch, nothing is missing."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[str] = []
+    lock = threading.Lock()
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(0.3)  # a slow endpoint: the kill lands inside a batch
+            with lock:
+                received.append(json.loads(body)["event"]["id"])
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    alerts_topic = topic_factory("alerts")
+    env = {**os.environ, "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "GPUSENTRY_TOPICS__ALERTS": alerts_topic,
+           "GPUSENTRY_TOPICS__DEADLETTER": topic_factory("dl"), "GPUSENTRY_OUTPUTS__GROUP_ID": f"kill-{time.time_ns()}",
+           "GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true",
+           "GPUSENTRY_OUTPUTS__WEBHOOK__URL": f"http://127.0.0.1:{server.server_address[1]}/hook",
+           "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": rx.WEBHOOK_SECRET}
+    env.pop("GPUSENTRY_CONFIG", None)
+    (tmp_path / "gpusentry.toml").write_text("")
+    producer = Producer({"bootstrap.servers": bootstrap})
+    sent = [alert(1000 + i) for i in range(40)]
+
+    def forwarder() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "forward", "--config",
+                                 str(tmp_path / "gpusentry.toml")], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    first = forwarder()
+    try:
+        for group in range(4):  # four batches of ten, each delivered before the next arrives
+            for a in sent[10 * group:10 * group + 10]:
+                producer.produce(alerts_topic, c.encode(a), key=a["gpusentry"]["alert"]["dedup_key"])
+            producer.flush(10)
+            deadline = time.monotonic() + 60
+            while len(received) < 10 * group + (5 if group == 2 else 10) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if group == 2:
+                break  # half of the third batch is delivered: kill now
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        before = len(received)
+        assert 20 <= before < 30, "the kill did not land in the third batch"
+        for a in sent[30:]:
+            producer.produce(alerts_topic, c.encode(a), key=a["gpusentry"]["alert"]["dedup_key"])
+        producer.flush(10)
+        second = forwarder()
+        try:
+            deadline = time.monotonic() + 90
+            while not {a["event"]["id"] for a in sent} <= set(received) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        server.shutdown()
+        server.server_close()
+    assert {a["event"]["id"] for a in sent} <= set(received), "alerts lost by the kill"
+    twice = {i for i in set(received) if received.count(i) > 1}
+    third_batch = {a["event"]["id"] for a in sent[20:30]}
+    assert twice <= third_batch, "only the batch in flight at the kill may come again (earlier ones were committed)"
