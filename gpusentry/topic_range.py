@@ -42,6 +42,8 @@ def read_range(cfg: Config, topic: str, since: float | None = None, until: float
         deadline = time.monotonic() + timeout_s
         last_record = time.monotonic()
         while assigned:
+            if cfg.kafka.exact_high_watermark and len(reached) == len(assigned):
+                break  # the reported ends are exact (Apache Kafka)
             if time.monotonic() > deadline:
                 raise TopicReadError(f"could not read {topic} to its end in {timeout_s:.0f} s; is the broker slow?")
             msg = consumer.poll(0.25)

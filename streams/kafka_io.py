@@ -151,11 +151,17 @@ class KafkaClients:
                 self.reader.seek(tp, offset)
             ends = await until_answered("end offsets", lambda: self.reader.end_offsets(list(starts)))
             reached = {tp for tp in starts if starts[tp] >= ends[tp]}
+            empty = 0
             while True:
+                if self.cfg.kafka.exact_high_watermark and len(reached) == len(starts):
+                    break  # the reported ends are exact (Apache Kafka): no confirming empty poll
                 batch = await self.reader.getmany(timeout_ms=_EMPTY_POLL_MS)
                 if not batch and len(reached) == len(starts):
                     break
                 if not batch:
+                    empty += 1
+                    if self.cfg.kafka.exact_high_watermark and empty < 40:
+                        continue  # the records the broker reported are on their way (10 s at most)
                     # Nothing came although the broker reported more: fetch once more, then trust it.
                     reached = set(starts)
                     continue

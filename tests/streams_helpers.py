@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 T0 = 1_790_000_000.0
 
 
-def topic_env(bootstrap: str, stem: str, partitions: int = 1, replication_factor: int = 1) -> dict[str, str]:
-    """Environment for a worker on fresh, unique topics (all pre-created with ``partitions``)."""
+def topic_env(bootstrap: str, stem: str, partitions: int = 1, replication_factor: int = 1,
+              exact_high_watermark: bool = False) -> dict[str, str]:
+    """Environment for a worker on fresh, unique topics (all pre-created with ``partitions``);
+    ``exact_high_watermark`` on Apache Kafka only (docs/brokers.md)."""
     tag = f"{stem}{os.getpid()}x{next(_ids)}x{int(time.time() * 1000) % 100000}"
     names = {k: f"t.{tag}.{k}" for k in ("gpu", "process", "network", "dns", "alerts", "deadletter", "feedback")}
     create_topics(bootstrap, names.values(), partitions=partitions, replication_factor=replication_factor,
@@ -33,7 +35,8 @@ def topic_env(bootstrap: str, stem: str, partitions: int = 1, replication_factor
     env = {f"GPUSENTRY_TOPICS__{k.upper()}": v for k, v in names.items()}
     env.update({"GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "GPUSENTRY_KAFKA__PARTITIONS": str(partitions),
                 "GPUSENTRY_WORKER__APP_ID": f"app-{tag}", "GPUSENTRY_WORKER__CHECKPOINT_INTERVAL_S": "0.5",
-                "GPUSENTRY_WORKER__SESSION_TIMEOUT_S": "6"})
+                "GPUSENTRY_WORKER__SESSION_TIMEOUT_S": "6",
+                "GPUSENTRY_KAFKA__EXACT_HIGH_WATERMARK": "true" if exact_high_watermark else "false"})
     return env
 
 

@@ -45,7 +45,7 @@ def leader_of(bootstrap: str, topic: str) -> int:
 
 def test_a_leader_change_loses_and_doubles_nothing_between_agent_and_worker(cluster, tmp_path):
     bootstrap = cluster.bootstrap_servers
-    env = topic_env(bootstrap, "leader", partitions=1, replication_factor=3)
+    env = topic_env(bootstrap, "leader", partitions=1, replication_factor=3, exact_high_watermark=True)
     gpu_topic = env["GPUSENTRY_TOPICS__GPU"]
     old_leader = leader_of(bootstrap, gpu_topic)
     cfg = Config()

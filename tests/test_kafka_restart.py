@@ -76,7 +76,7 @@ def publish(bootstrap: str, env: dict[str, str], messages: list[tuple[str, str, 
 
 def test_worker_and_forwarder_ride_through_a_broker_restart_with_data(cluster, tmp_path):
     bootstrap = cluster.bootstrap_servers
-    env = topic_env(bootstrap, "brokerrestart", partitions=2)
+    env = topic_env(bootstrap, "brokerrestart", partitions=2, exact_high_watermark=True)
     first, second = stream(range(0, 60)), stream(range(60, 160))
     engine = Engine(strict=True)
     want: dict[str, set[str]] = defaultdict(set)

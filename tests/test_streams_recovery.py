@@ -95,8 +95,15 @@ def check_alerts(bootstrap: str, env: dict[str, str], expected: Counter[str], lo
     return got
 
 
-def test_sigkill_and_restart_loses_no_alert_and_doubles_none(bootstrap):
-    env = topic_env(bootstrap, "kill", partitions=4)
+def on_kafka(exact: bool | None) -> bool:
+    """Whether the worker may trust partition ends: on the session's Apache Kafka (not on the embedded broker)."""
+    from tests.conftest import selected_broker
+
+    return selected_broker() == "kafka" if exact is None else exact
+
+
+def test_sigkill_and_restart_loses_no_alert_and_doubles_none(bootstrap, exact_high_watermark=None):
+    env = topic_env(bootstrap, "kill", partitions=4, exact_high_watermark=on_kafka(exact_high_watermark))
     messages = {h: host_messages(i, h) for i, h in enumerate(HOSTS)}
     expected = expected_alerts(messages)
     assert sum(expected.values()) >= 3 * len(HOSTS)
@@ -120,8 +127,8 @@ def test_sigkill_and_restart_loses_no_alert_and_doubles_none(bootstrap):
         assert second.stop() == 0, second.log()[-3000:]
 
 
-def test_two_workers_share_partitions_and_incidents_survive_the_move(bootstrap):
-    env = topic_env(bootstrap, "pair", partitions=4)
+def test_two_workers_share_partitions_and_incidents_survive_the_move(bootstrap, exact_high_watermark=None):
+    env = topic_env(bootstrap, "pair", partitions=4, exact_high_watermark=on_kafka(exact_high_watermark))
     messages = {h: host_messages(i, h) for i, h in enumerate(HOSTS)}
     expected = expected_alerts(messages)
     topic = env["GPUSENTRY_TOPICS__PROCESS"]

@@ -18,4 +18,5 @@ def test_end_to_end_on_the_embedded_broker(embedded_broker, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_recovery_on_the_embedded_broker(embedded_broker):
-    test_streams_recovery.test_sigkill_and_restart_loses_no_alert_and_doubles_none(embedded_broker.bootstrap_servers)
+    test_streams_recovery.test_sigkill_and_restart_loses_no_alert_and_doubles_none(embedded_broker.bootstrap_servers,
+                                                                                   exact_high_watermark=False)
