@@ -246,7 +246,8 @@ class Pipeline:
         if self.highwater is None:
             return False
         end = self.highwater(topic, part.number)
-        return end is not None and part.next_offset.get(topic, -1) >= end
+        # An empty partition has nothing to wait for, delivered here or not.
+        return end is not None and (end == 0 or part.next_offset.get(topic, -1) >= end)
 
     async def release_due(self) -> None:
         """Process the held messages that have waited long enough (the worker's timer)."""

@@ -11,10 +11,12 @@ class WorkerSettings(Section):
     app_id: str = Field("gpusentry", description="faust application id: the consumer group and the "
                         "prefix of its checkpoint topic. Workers with the same id share the work.")
     reorder_hold_s: float = Field(
-        2.0, ge=0, le=60, description="Each partition's messages reach detection in event-time order across the "
+        10.0, ge=0, le=60, description="Each partition's messages reach detection in event-time order across the "
         "event topics (a host's GPU samples, process, network and DNS events in the order they happened, whichever "
         "topic the consumer fetched first), waiting at most this long for a topic that is still delivering. A "
-        "worker catching up a backlog then decides what `gpusentry replay` decides. 0: in arrival order.")
+        "worker catching up a backlog then decides what `gpusentry replay` decides; after a broker restart one "
+        "topic's fetches can resume seconds after another's, hence 10 s. Only a backlog (events over 30 s old) is "
+        "ever held. 0: in arrival order.")
     checkpoint_interval_s: float = Field(
         10.0, gt=0, le=600, description="Seconds between checkpoints of a partition's detector state (and the "
         "input offsets it covers). A killed worker's successor replays about this much input; shorter costs "
