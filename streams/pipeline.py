@@ -54,6 +54,10 @@ CHECKPOINT_FORMAT = 6  # 4: detectors share per-host GPU windows (Detector.new_h
 # 6: sandbox lineage, recurrence and busy-time cost accounting in the host state
 # Event-time ordering holds messages only when they are this far behind the wall clock (a backlog being caught up).
 BACKLOG_AFTER_S = 30.0
+# A topic that delivered here within this long, and still has records on the broker, is one the others wait for
+# (each held message at most reorder_hold_s). Longer than a broker restart: during one nothing is delivered, and
+# afterwards one topic's records must not run ahead of another's merely because both were silent meanwhile.
+DELIVERING_S = 120.0
 # Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
 MAX_ORIGINAL_BYTES = 64 * 1024
 
@@ -234,8 +238,9 @@ class Pipeline:
             # "late" to one another, and incident keys do not depend on their order, so they are not delayed.
             if not force and now - first[1] < hold and time.time() - ts > BACKLOG_AFTER_S:
                 # Behind: a topic still delivering here, with nothing held, that has not yet delivered this far.
-                behind = [t for t, seen in part.last_seen.items() if now - seen < hold and not part.held.get(t)
-                          and part.delivered_to.get(t, float("-inf")) < ts and not self._drained(t, part)]
+                behind = [t for t, seen in part.last_seen.items() if now - seen < max(hold, DELIVERING_S)
+                          and not part.held.get(t) and part.delivered_to.get(t, float("-inf")) < ts
+                          and not self._drained(t, part)]
                 if behind and sum(len(q) for q in part.held.values()) < self.reorder_max_held:
                     return  # a topic that is delivering may still bring something earlier
             _, _, offset, key, value, ack, decoded = part.held[topic].popleft()
