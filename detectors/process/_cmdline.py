@@ -76,8 +76,126 @@ def script_of(args: list[str]) -> str | None:
     return _script_of(args)
 
 
+# Programs that run another program given on their command line (nohup CMD, timeout 10 CMD, screen -dmS s CMD):
+# option -> takes a value.  The first argument that is neither an option nor a value starts the command; some
+# wrappers take one positional argument before it (timeout's duration, taskset's mask, chrt's priority).
+_WRAPPERS: dict[str, tuple[frozenset[str], int]] = {
+    "nohup": (frozenset(), 0), "exec": (frozenset(), 0), "command": (frozenset(), 0), "builtin": (frozenset(), 0),
+    "setsid": (frozenset(), 0), "stdbuf": (frozenset({"-i", "-o", "-e"}), 0),
+    "sudo": (frozenset({"-u", "-g", "-C", "-D", "-h", "-p", "-r", "-t", "-U", "-T", "--user", "--group"}), 0),
+    "doas": (frozenset({"-u", "-C"}), 0), "nice": (frozenset({"-n", "--adjustment"}), 0),
+    "ionice": (frozenset({"-c", "-n", "--class", "--classdata"}), 0),
+    "timeout": (frozenset({"-s", "-k", "--signal", "--kill-after"}), 1),
+    "taskset": (frozenset(), 1), "chrt": (frozenset({"-T", "-P", "-D"}), 1),
+    "env": (frozenset({"-u", "--unset", "-C", "--chdir"}), 0),
+    "systemd-run": (frozenset({"-u", "--unit", "-p", "--property", "--description", "--slice", "-E", "--setenv",
+                               "--uid", "--gid", "--working-directory", "-M", "--machine", "-H", "--host",
+                               "--on-active", "--on-boot", "--on-startup", "--on-unit-active", "--on-unit-inactive",
+                               "--on-calendar", "--timer-property", "--path-property", "--socket-property",
+                               "--service-type", "--nice", "--send-sighup", "--expand-environment"}), 0),
+    "screen": (frozenset({"-S", "-c", "-e", "-h", "-p", "-T", "-t", "-Logfile", "-L"}), 0),
+}
+# Wrappers whose options mean "not a launch" (taskset -p PID changes a running process).
+_NOT_A_LAUNCH = {"taskset": ("-p", "--pid"), "ionice": ("-p", "--pid"), "chrt": ("-p", "--pid"),
+                 "screen": ("-X", "-ls", "-list", "-r", "-x", "-R", "-wipe")}
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def unwrap(args: list[str]) -> list[str]:
+    """The command a wrapper runs: ``nohup``, ``setsid``, ``sudo``, ``env X=1``, ``nice``, ``ionice``, ``timeout``,
+    ``taskset``, ``chrt``, ``stdbuf``, ``systemd-run``, ``screen -dmS NAME``, ``tmux new -d``; nested ones too.
+    A tmux command given as one string comes back as ``sh -c STRING``.  Anything else comes back as it is."""
+    for _ in range(8):
+        while args and _ASSIGNMENT.match(args[0]):  # VAR=value CMD
+            args = args[1:]
+        if not args:
+            return args
+        name = basename(args[0])
+        if name == "tmux":
+            inner = _tmux_command(args[1:])
+            if inner is None:
+                return args
+            args = inner
+            continue
+        spec = _WRAPPERS.get(name)
+        if spec is None:
+            return args
+        takes_value, positional = spec
+        if any(a in _NOT_A_LAUNCH.get(name, ()) or a.startswith(tuple(f"{o}=" for o in _NOT_A_LAUNCH.get(name, ())))
+               for a in args[1:]):
+            return args
+        i = 1
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                i += 1
+                break
+            if name == "env" and _ASSIGNMENT.match(a):
+                i += 1
+                continue
+            if name == "env" and a in ("-S", "--split-string") and i + 1 < len(args):
+                args = [args[0], *split(args[i + 1]), *args[i + 2:]]  # env -S "cmd args": split like a shell
+                continue
+            if a.startswith("-") and len(a) > 1:
+                takes = "=" not in a and (a in takes_value or _attached_value(name, a, takes_value))
+                i += 2 if takes else 1
+                continue
+            break
+        rest = args[i:]
+        rest = rest[positional:] if len(rest) > positional else []
+        if not rest:
+            return args
+        args = rest
+    return args
+
+
+def _attached_value(name: str, opt: str, takes_value: frozenset[str]) -> bool:
+    """``-dmS name``: screen's combined flags end in one that takes a value."""
+    return name == "screen" and not opt.startswith("--") and f"-{opt[-1]}" in takes_value and len(opt) > 2
+
+
+_TMUX_NEW = frozenset({"new-session", "new", "new-window", "neww", "split-window", "splitw", "respawn-pane",
+                       "respawnp", "respawn-window", "respawnw"})
+_TMUX_VALUE = frozenset({"-s", "-n", "-c", "-x", "-y", "-e", "-F", "-t", "-l", "-f", "-L", "-S"})
+
+
+def _tmux_command(args: list[str]) -> list[str] | None:
+    """The shell command of ``tmux [-L x] new-session -d -s NAME 'CMD'`` (or ``send-keys -t T 'CMD' Enter``)."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):  # tmux's own options (-L socket, -f file, -2, -u)
+        i += 2 if args[i] in ("-L", "-S", "-f", "-T") else 1
+    if i >= len(args):
+        return None
+    sub, rest = args[i], args[i + 1:]
+    if sub in ("send-keys", "send"):
+        keys, j = [], 0
+        while j < len(rest):
+            if rest[j] in ("-t", "-N"):
+                j += 2
+                continue
+            if rest[j].startswith("-"):
+                j += 1
+                continue
+            if rest[j] not in ("Enter", "C-m", "KPEnter"):
+                keys.append(rest[j])
+            j += 1
+        return ["sh", "-c", " ".join(keys)] if keys else None
+    if sub not in _TMUX_NEW:
+        return None
+    j = 0
+    while j < len(rest) and rest[j].startswith("-") and rest[j] != "--":
+        j += 2 if rest[j] in _TMUX_VALUE else 1
+    if j < len(rest) and rest[j] == "--":
+        j += 1
+    command = rest[j:]
+    if not command:
+        return None
+    return ["sh", "-c", command[0]] if len(command) == 1 else command
+
+
 def segments(args: list[str], depth: int = 0) -> list[list[str]]:
-    """Simple commands this process runs: itself, or each command of its ``-c`` script."""
+    """Simple commands this process runs: itself (inside any wrapper), or each command of its ``-c`` script."""
+    args = unwrap(args)
     script = _script_of(args)
     if script is None or depth > 3:
         return [args] if args else []
@@ -100,12 +218,8 @@ def segments(args: list[str], depth: int = 0) -> list[list[str]]:
         out.append(current)
     nested: list[list[str]] = []
     for seg in out:
-        # Skip leading wrappers and variable assignments (sudo, nohup, env X=1, exec ...).
-        while seg and (seg[0] in ("sudo", "nohup", "exec", "env", "nice", "setsid", "timeout", "stdbuf")
-                       or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", seg[0])):
-            seg = seg[1:]
         if seg:
-            nested.extend(segments(seg, depth + 1))
+            nested.extend(segments(seg, depth + 1))  # wrappers inside the script are unwrapped there
     return nested
 
 

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import proc
-from detectors.process._cmdline import process_fields
+from detectors.process._cmdline import argv, basename, is_text_tool, process_fields, segments
+from detectors.process._miners import KNOWLEDGE
 from gpusentry.contract import Dataset, event_time
-
-# Lower-cased executable base names of GPU and CPU miner families (and their usual release spellings).
-MINER_NAMES = frozenset({
-    "xmrig", "xmrig-cuda", "xmrig-nvidia", "xmr-stak", "xmr-stak-rx", "t-rex", "trex", "lolminer", "nbminer",
-    "gminer", "miner", "teamredminer", "bzminer", "rigel", "srbminer-multi", "srbminer", "ethminer",
-    "nanominer", "phoenixminer", "claymore", "ethdcrminer64", "ccminer", "cpuminer", "cpuminer-opt",
-    "minerd", "cgminer", "bfgminer", "sgminer", "kawpowminer", "nheqminer", "excavator", "wildrig",
-    "wildrig-multi", "onezerominer", "danila-miner", "z-enemy", "cryptodredge", "miniz", "ttminer",
-})
-_VERSION_SUFFIX = re.compile(r"[-_.]?(v?\d+(\.\d+)*)?(\.exe)?$")
 
 
 class MinerBinary(Detector):
     id = "process.miner_binary"
     title = "Known cryptocurrency miner started"
     description = ("A process started whose executable or process name is a known mining program "
-                   "(XMRig, T-Rex, lolMiner, NBMiner, GMiner, TeamRedMiner, BzMiner, Rigel, SRBMiner, ...).")
+                   "(XMRig, T-Rex, lolMiner, NBMiner, GMiner, TeamRedMiner, BzMiner, Rigel, SRBMiner, ...: the "
+                   "families in detectors/process/miners.toml, each with its source).")
     severity = "high"
     technique = "T1496.001"
     references = ("https://attack.mitre.org/techniques/T1496/001/",)
@@ -36,7 +27,13 @@ class MinerBinary(Detector):
     examples: ClassVar[list[Example]] = [
         Example("xmrig from a home directory", True, [proc("/home/u/xmrig-6.21.0/xmrig --config=c.json")]),
         Example("versioned t-rex", True, [proc("/opt/t-rex-0.26.8 -a kawpow")]),
+        Example("xmrig inside a detached screen session", True,
+                [proc("screen -dmS sys ./xmrig -c config.json", executable="/usr/bin/screen")]),
+        Example("t-rex under timeout and taskset", True,
+                [proc("timeout 36000 taskset -c 0-7 /opt/t-rex -a kawpow", executable="/usr/bin/timeout")]),
         Example("grep for xmrig in logs", False, [proc("/usr/bin/grep xmrig /var/log/syslog")]),
+        Example("screen running a log pager on the miner's log", False,
+                [proc("screen -dmS logs less /var/log/xmrig.log", executable="/usr/bin/screen")]),
         Example("pytorch training", False, [proc("/usr/bin/python3 train.py --epochs 10")]),
     ]
 
@@ -47,12 +44,20 @@ class MinerBinary(Detector):
         names = {p["name"].lower()}
         if p.get("executable"):
             names.add(p["executable"].rsplit("/", 1)[-1].lower())
-        for raw in names:
-            base = _VERSION_SUFFIX.sub("", raw) or raw
-            if raw in MINER_NAMES or base in MINER_NAMES:
-                if raw == "miner" or base == "miner":
+        for raw in sorted(names):
+            family = KNOWLEDGE.family(raw)
+            if family is not None:
+                if KNOWLEDGE.generic(raw):
                     continue  # "miner" alone is too common a word to page on; flags decide instead
-                return [self.finding(event, f"known miner {raw!r} started (pid {p['pid']})",
+                return [self.finding(event, f"known miner {raw!r} ({family}) started (pid {p['pid']})",
                                      timestamp=event_time(event),
                                      fields=process_fields(event))]
+        # A wrapper that forks what it runs (screen -dmS, tmux new -d, timeout, systemd-run, sh -c): look inside.
+        for seg in segments(argv(p)):
+            inner = basename(seg[0]) if seg else ""
+            family = KNOWLEDGE.family(inner)
+            if family is not None and not KNOWLEDGE.generic(inner) and not is_text_tool(seg) \
+                    and inner.lower() not in names:
+                return [self.finding(event, f"pid {p['pid']} ({p['name']}) starts the known miner {inner!r} "
+                                     f"({family})", timestamp=event_time(event), fields=process_fields(event))]
         return ()

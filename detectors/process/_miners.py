@@ -1,0 +1,83 @@
+"""Miner knowledge read from ``miners.toml``: family names, miner container images, known cryptojacking malware."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpusentry.knowledge import load_entries
+
+MINERS_FILE = Path(__file__).with_name("miners.toml")
+_VERSION_SUFFIX = re.compile(r"[-_.]?(v?\d+(\.\d+)*)?(\.exe)?$")
+
+
+@dataclass(frozen=True)
+class Malware:
+    id: str
+    names: frozenset[str]
+    paths: tuple[str, ...]
+    unique: bool
+    source: str
+
+
+@dataclass(frozen=True)
+class MinerKnowledge:
+    families: dict[str, str]  # executable base name -> family id
+    images: dict[str, str]  # image repository -> source
+    malware: tuple[Malware, ...]
+
+    def family(self, name: str | None) -> str | None:
+        """The miner family an executable name belongs to (``xmrig-6.21.0`` is xmrig), if any."""
+        if not name:
+            return None
+        raw = name.rsplit("/", 1)[-1].lower()
+        return self.families.get(raw) or self.families.get(_VERSION_SUFFIX.sub("", raw) or raw)
+
+    @staticmethod
+    def generic(name: str) -> bool:
+        """``miner`` (GMiner's binary, and a word anything may be called): never evidence by its name alone."""
+        raw = name.rsplit("/", 1)[-1].lower()
+        return (_VERSION_SUFFIX.sub("", raw) or raw) == "miner"
+
+    def image(self, reference: str) -> str | None:
+        """Why a container image reference is a miner's (``docker.io/xmrig/xmrig:latest``), if it is."""
+        repo = image_repository(reference)
+        if repo in self.images:
+            return f"known miner image {repo}"
+        last = repo.rsplit("/", 1)[-1]
+        family = self.family(last)
+        if family is not None and not self.generic(last):
+            return f"image {repo} named after the {family} miner"
+        return None
+
+
+def image_repository(reference: str) -> str:
+    """``registry:5000/ns/name:tag@sha256:...`` -> ``ns/name`` (Docker Hub's ``library/`` and ``docker.io`` dropped)."""
+    ref = reference.split("@", 1)[0]
+    head, _, tail = ref.rpartition("/")
+    if ":" in tail:
+        tail = tail.split(":", 1)[0]
+    parts = [p for p in (head.split("/") if head else []) if p] + [tail]
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        parts = parts[1:]  # a registry host
+    if len(parts) > 1 and parts[0] == "library":
+        parts = parts[1:]
+    return "/".join(parts).lower()
+
+
+def load(path: Path = MINERS_FILE) -> MinerKnowledge:
+    families: dict[str, str] = {}
+    for entry in load_entries(path, "family", required={"id": str, "names": list}):
+        for name in entry["names"]:
+            families[name.lower()] = entry["id"]
+    images = {e["repository"].lower(): e["source"]
+              for e in load_entries(path, "image", required={"repository": str})}
+    malware = tuple(Malware(e["id"], frozenset(n.lower() for n in e.get("names", [])), tuple(e.get("paths", [])),
+                            bool(e["unique"]), e["source"])
+                    for e in load_entries(path, "malware", required={"id": str, "unique": bool},
+                                          optional={"names": list, "paths": list}))
+    return MinerKnowledge(families, images, malware)
+
+
+KNOWLEDGE = load()
