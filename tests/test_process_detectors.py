@@ -116,3 +116,86 @@ def test_container_clis_that_run_programs_are_judged_by_their_args():
     assert "process.miner_flags" not in findings("/usr/bin/docker logs -f stratum+tcp://not-a-container")
     assert findings("/usr/bin/kubectl exec -it pod -- ./m -o stratum+ssl://pool.example.org:443")[
         "process.miner_flags"] == "high"
+
+
+# ------------------------------------------------------------------ wrappers, container launches, known malware
+
+
+@pytest.mark.parametrize("line, inner", [
+    ("nohup ./xmrig -o x", ["./xmrig", "-o", "x"]),
+    ("timeout -s KILL 3600 ./xmrig -c c.json", ["./xmrig", "-c", "c.json"]),
+    ("taskset -c 0-3 nice -n 19 ./t-rex -a kawpow", ["./t-rex", "-a", "kawpow"]),
+    ("screen -dmS miner ./xmrig --donate-level 1", ["./xmrig", "--donate-level", "1"]),
+    ("screen -S x -dm bash -c './a -o stratum+tcp://p:1'", ["./a", "-o", "stratum+tcp://p:1"]),
+    ("tmux new-session -d -s m './lolMiner --algo ETCHASH'", ["./lolMiner", "--algo", "ETCHASH"]),
+    ("tmux send-keys -t m './xmrig -o p' Enter", ["./xmrig", "-o", "p"]),
+    ("systemd-run --unit=helper --scope /tmp/.x/kdevtmpfsi", ["/tmp/.x/kdevtmpfsi"]),
+    ("sudo -u nobody env X=1 setsid /dev/shm/.k/xmrig", ["/dev/shm/.k/xmrig"]),
+    ("env -S './xmrig -o a'", ["./xmrig", "-o", "a"]),
+    ("chrt -f 10 ionice -c 3 stdbuf -oL ./xmrig", ["./xmrig"]),
+    ("taskset -p 0x1 1234", ["taskset", "-p", "0x1", "1234"]),  # changes a running process: not a launch
+    ("screen -ls", ["screen", "-ls"]),
+])
+def test_wrappers_are_looked_inside(line, inner):
+    from detectors.process._cmdline import segments, split
+
+    assert segments(split(line)) == [inner]
+
+
+@pytest.mark.parametrize("line, image, gpu", [
+    ("docker run -d --gpus all --name w -e A=1 xmrig/xmrig:latest -o p:1", "xmrig/xmrig:latest", "--gpus all"),
+    ("podman run --runtime=nvidia --rm -it img:1 sh", "img:1", "--runtime nvidia"),
+    ("nerdctl container run --entrypoint /x/run alpine", "alpine", None),
+    ("kubectl -n ml run job --image=ddsfdfsaadfs/dfsdf:99 --env=WALLET=x -- /w/a", "ddsfdfsaadfs/dfsdf:99", None),
+    ("ctr -n k8s.io run --gpus 0 docker.io/a/b:1 id1 cmd", "docker.io/a/b:1", "--gpus 0"),
+])
+def test_container_launches_are_parsed(line, image, gpu):
+    from detectors.process._cmdline import split
+    from detectors.process.miner_container import container_launch
+
+    launch = container_launch(split(line))
+    assert launch is not None and launch.image == image and launch.gpu == gpu
+
+
+@pytest.mark.parametrize("line", ["docker pull xmrig/xmrig", "docker ps -a", "kubectl get pods", "ctr images ls",
+                                  "docker run", "kubectl run", "docker compose up -d"])
+def test_container_commands_that_start_nothing_are_not_launches(line):
+    from detectors.process._cmdline import split
+    from detectors.process.miner_container import container_launch
+
+    assert container_launch(split(line)) is None
+
+
+def test_wrapper_and_container_parsing_never_raise_on_hostile_command_lines():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from detectors.process._cmdline import segments
+    from detectors.process.miner_container import container_launch, launch_evidence
+
+    words = st.sampled_from(["docker", "run", "-e", "--gpus", "screen", "-dmS", "tmux", "new", "-d", "timeout",
+                             "taskset", "-c", "env", "-S", "sudo", "-u", "kubectl", "--image", "--", "ctr", "=",
+                             "nohup", "systemd-run", "--unit", "x", "", "-", "a=b", "send-keys", "Enter"])
+    tokens = st.lists(st.one_of(words, st.text(max_size=8)), max_size=12)
+
+    @settings(max_examples=300, deadline=None)
+    @given(tokens)
+    def check(args):
+        for seg in segments(args):
+            launch = container_launch(seg)
+            if launch is not None:
+                launch_evidence(launch)
+
+    check()
+
+
+def test_the_miner_knowledge_file_is_validated_with_the_entry_and_key_to_fix(tmp_path):
+    from detectors.process._miners import MINERS_FILE, load
+    from gpusentry.knowledge import KnowledgeError
+
+    bad = tmp_path / "miners.toml"
+    bad.write_text(MINERS_FILE.read_text().replace('id = "t-rex"\nnames = ["t-rex", "trex"]\nsource',
+                                                   'id = "t-rex"\nnames = ["t-rex", "trex"]\nsauce'))
+    with pytest.raises(KnowledgeError, match=r"\[\[family\]\] entry \d+ \('t-rex'\): `source` is missing"):
+        load(bad)
+    assert load().family("T-Rex-0.26.8") == "t-rex"
