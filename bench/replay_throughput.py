@@ -112,8 +112,8 @@ AGENTIC = frozenset({"process.tunnel", "process.reverse_shell", "network.tunnel_
                      "sandbox.gpu_process"})
 SANDBOX_BUDGET = 0.10
 ALLOCATION = frozenset({"gpu.outside_allocation", "gpu.unallocated_use"})
-# Real-campaign coverage: miners started as containers, known cryptojacking malware names.
-CAMPAIGN = frozenset({"process.miner_container", "process.known_malware"})
+# Real-campaign coverage: miners started as containers, known cryptojacking malware names, tampering.
+CAMPAIGN = frozenset({"process.miner_container", "process.known_malware", "process.defense_tampering"})
 
 
 def _run(engine: Engine, events: list) -> None:  # noqa: ANN001

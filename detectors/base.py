@@ -37,6 +37,7 @@ class Signal:
     TUNNEL = "tunnel"  # remote access out of the host: SSH forwards, tunnel tools, reverse shells
     PROBING = "probing"  # reaching into the network: sweeps, control-plane ports, scanners, metadata services
     CLOCK = "clock"  # the host's clock moved in a way that could hide or freeze an incident
+    TAMPERING = "tampering"  # defences stopped or tracks covered: security agents, process hiders, history
 
 
 @dataclass(frozen=True, slots=True)
