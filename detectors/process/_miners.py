@@ -26,6 +26,17 @@ class MinerKnowledge:
     families: dict[str, str]  # executable base name -> family id
     images: dict[str, str]  # image repository -> source
     malware: tuple[Malware, ...]
+    layouts: dict[str, str]  # directory name -> layout id (a pool installer's miner directory)
+
+    def layout(self, path: str | None) -> str | None:
+        """The miner-installer layout a path lies in (``/home/u/c3pool/xmrig``), if any."""
+        if not path or "/" not in path:
+            return None
+        for part in path.split("/")[:-1]:
+            layout = self.layouts.get(part.lower())
+            if layout is not None:
+                return layout
+        return None
 
     def family(self, name: str | None) -> str | None:
         """The miner family an executable name belongs to (``xmrig-6.21.0`` is xmrig), if any."""
@@ -77,7 +88,9 @@ def load(path: Path = MINERS_FILE) -> MinerKnowledge:
                             bool(e["unique"]), e["source"])
                     for e in load_entries(path, "malware", required={"id": str, "unique": bool},
                                           optional={"names": list, "paths": list}))
-    return MinerKnowledge(families, images, malware)
+    layouts = {d.lower(): e["id"] for e in load_entries(path, "layout", required={"id": str, "directories": list})
+               for d in e["directories"]}
+    return MinerKnowledge(families, images, malware, layouts)
 
 
 KNOWLEDGE = load()
