@@ -11,8 +11,8 @@ logic (that is :class:`detectors.engine.Engine`).  What this module owns is deli
   to snapshot every host at once.
 * **Event-time order across topics.**  With ``reorder_hold_s`` (the worker's ``[worker] reorder_hold_s``), a
   partition's messages are held per topic and released earliest event time first, while no topic that is
-  delivering to the partition is behind (at most ``reorder_hold_s`` of waiting, and ``reorder_max_held``
-  messages): a worker catching up a backlog meets a host's events in the order ``replay`` does.  Messages
+  delivering to the partition (it delivered within ``DELIVERING_S`` and has records left on the broker) is behind
+  (at most ``reorder_hold_s`` of waiting per message, and ``reorder_max_held`` messages): a worker catching up a backlog meets a host's events in the order ``replay`` does.  Messages
   less than ``BACKLOG_AFTER_S`` behind the wall clock (a live fleet) are not held.
 * **Offsets after state.**  A message is acknowledged to faust (and so becomes committable) only
   after a checkpoint that covers it is on the broker, and that checkpoint is written only after every
