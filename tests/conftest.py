@@ -76,6 +76,25 @@ def kafka_missing(exc: KafkaUnavailable) -> NoReturn:
     pytest.skip(f"Apache Kafka unavailable: {exc}")
 
 
+@pytest.fixture
+def own_kafka(tmp_path):
+    """Start Apache Kafka clusters of this test's own (it may kill their nodes): ``own_kafka(nodes=3, ...)`` takes
+    :class:`KafkaCluster`'s arguments; all are stopped when the test ends."""
+    started: list[KafkaCluster] = []
+
+    def start(nodes: int = 1, **kwargs: Any) -> KafkaCluster:
+        try:
+            cluster = KafkaCluster(nodes=nodes, workdir=tmp_path / f"kafka-{len(started)}", **kwargs).start()
+        except KafkaUnavailable as exc:
+            kafka_missing(exc)
+        started.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in started:
+        cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def embedded_broker() -> Iterator[EmbeddedBroker]:
     """The embedded Tansu broker that `make run` starts (memory storage), for the smoke set that keeps it working."""

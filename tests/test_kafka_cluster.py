@@ -15,9 +15,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from agents.agent import Agent
-from gpusentry.apache_kafka import KafkaCluster, KafkaUnavailable
 from gpusentry.config import Config
-from tests.conftest import kafka_missing
 from tests.fakes.fake_pynvml import FakeGpu, FakeNvml
 from tests.streams_helpers import WorkerProcess, topic_env
 
@@ -27,15 +25,8 @@ HOST = "leader-change-node"
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    try:
-        k = KafkaCluster(nodes=3, workdir=tmp_path / "kafka").start()
-    except KafkaUnavailable as exc:
-        kafka_missing(exc)
-    try:
-        yield k
-    finally:
-        k.stop()
+def cluster(own_kafka):
+    return own_kafka(3)
 
 
 def leader_of(bootstrap: str, topic: str) -> int:

@@ -19,9 +19,7 @@ import pytest
 
 from detectors.engine import Engine
 from gpusentry import contract as c
-from gpusentry.apache_kafka import KafkaCluster, KafkaUnavailable
 from tests import outputs_receivers as rx
-from tests.conftest import kafka_missing
 from tests.streams_helpers import (
     REPO,
     T0,
@@ -42,15 +40,8 @@ HOSTS = [f"restart-{i}" for i in range(6)]
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    try:
-        k = KafkaCluster(nodes=1, workdir=tmp_path / "kafka").start()
-    except KafkaUnavailable as exc:
-        kafka_missing(exc)
-    try:
-        yield k
-    finally:
-        k.stop()
+def cluster(own_kafka):
+    return own_kafka(1)
 
 
 def stream(cycles: range) -> list[tuple[str, str, list]]:

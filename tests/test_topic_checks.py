@@ -15,11 +15,9 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from gpusentry.apache_kafka import KafkaCluster, KafkaUnavailable
 from gpusentry.broker import create_topics
 from gpusentry.config import load_config
 from streams.worker import topic_problems
-from tests.conftest import kafka_missing
 from tests.streams_helpers import WorkerProcess, topic_env
 
 
@@ -91,18 +89,13 @@ asyncio.run(main())
 
 @pytest.mark.kafka
 @pytest.mark.slow
-def test_no_gpusentry_client_creates_a_missing_topic_even_where_the_broker_would(tmp_path):
-    try:
-        cluster = KafkaCluster(workdir=tmp_path / "kafka", broker_config={"auto.create.topics.enable": "true"}).start()
-    except KafkaUnavailable as exc:
-        kafka_missing(exc)
-    try:
-        def probe(mode: str, topic: str) -> set[str]:
-            subprocess.run([sys.executable, "-c", PROBE, cluster.bootstrap_servers, mode, topic], check=True,
-                           timeout=60, capture_output=True)
-            return set(AdminClient({"bootstrap.servers": cluster.bootstrap_servers}).list_topics(timeout=10).topics)
+def test_no_gpusentry_client_creates_a_missing_topic_even_where_the_broker_would(own_kafka):
+    cluster = own_kafka(broker_config={"auto.create.topics.enable": "true"})
 
-        assert "made.by.aiokafka" in probe("plain", "made.by.aiokafka"), "aiokafka alone asks the broker to create"
-        assert "never.made" not in probe("refuse", "never.made")
-    finally:
-        cluster.stop()
+    def probe(mode: str, topic: str) -> set[str]:
+        subprocess.run([sys.executable, "-c", PROBE, cluster.bootstrap_servers, mode, topic], check=True,
+                       timeout=60, capture_output=True)
+        return set(AdminClient({"bootstrap.servers": cluster.bootstrap_servers}).list_topics(timeout=10).topics)
+
+    assert "made.by.aiokafka" in probe("plain", "made.by.aiokafka"), "aiokafka alone asks the broker to create"
+    assert "never.made" not in probe("refuse", "never.made")
