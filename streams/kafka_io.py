@@ -174,10 +174,7 @@ class KafkaClients:
 
     async def read_checkpoint(self, partition: int) -> bytes | None:
         tp = TopicPartition(self.checkpoint_topic, partition)
-        async with self._reader_lock:
-            self.reader.assign([tp])
-            end = (await until_answered("the checkpoint's end offset", lambda: self.reader.end_offsets([tp])))[tp]
-            self.reader.assign([])
+        end = await self.checkpoint_end(partition)
         records = await self._read({tp: max(0, end - 2)})
         if not records and end > 0:
             records = await self._read({tp: 0})

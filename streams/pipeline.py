@@ -199,14 +199,7 @@ class Pipeline:
         async with self.lock:
             part = self.partitions.get(partition)
             if part is None:
-                parked = self._parked.pop(partition, None)
-                if parked is not None and await self._still_ours(parked):
-                    self._keep(parked)
-                    part = parked
-                else:
-                    if parked is not None:
-                        self._forget(parked)
-                    part = await self._restore(partition)
+                part, _ = await self._claim(partition)
             decoded = self._decode(key, value)
             if self.reorder_hold_s <= 0:
                 await self._process(part, topic, offset, key, value, ack, decoded)
@@ -575,19 +568,13 @@ class Pipeline:
         is still its own is kept as it is in memory; any other is restored now, so its first message meets its
         state.  Held partitions that went elsewhere are forgotten."""
         wanted = set(numbers)
-        kept, restored = [], []
+        kept: list[int] = []
+        restored: list[int] = []
         async with self.lock:
             for n in sorted(wanted):
                 if n not in self.partitions:
-                    parked = self._parked.pop(n, None)
-                    if parked is not None and await self._still_ours(parked):
-                        self._keep(parked)
-                        kept.append(n)
-                    else:
-                        if parked is not None:
-                            self._forget(parked)
-                        await self._restore(n)
-                        restored.append(n)
+                    _, was_kept = await self._claim(n)
+                    (kept if was_kept else restored).append(n)
             for n in sorted(set(self._parked) - wanted):
                 self._forget(self._parked.pop(n))
             self._clear_published_if_idle()
@@ -595,6 +582,16 @@ class Pipeline:
             log.info("rebalance: partitions %s kept, %s restored; this worker's detection paused %.2f s", kept,
                      restored, time.monotonic() - self._revoked_at)
             self._revoked_at = None
+
+    async def _claim(self, number: int) -> tuple[PartitionState, bool]:
+        """Partition ``number``'s state: the parked one if it is still ours (True), else restored from its checkpoint."""
+        parked = self._parked.pop(number, None)
+        if parked is not None and await self._still_ours(parked):
+            self._keep(parked)
+            return parked, True
+        if parked is not None:
+            self._forget(parked)
+        return await self._restore(number), False
 
     async def _still_ours(self, part: PartitionState) -> bool:
         # Eager rebalancing revokes every partition, also those that come straight back.  If nobody wrote a
