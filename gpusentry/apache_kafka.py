@@ -181,6 +181,7 @@ class KafkaCluster:
     scram_users: dict[str, str] | None = None
     members: list[KafkaNode] = field(default_factory=list, init=False)
     _lib: Path | None = field(default=None, init=False, repr=False)
+    _java: str = field(default="java", init=False, repr=False)  # found once, in start()
     _own_workdir: bool = field(default=False, init=False, repr=False)
 
     @property
@@ -249,7 +250,7 @@ class KafkaCluster:
         return next(n for n in self.members if n.node_id == node_id)
 
     def start(self) -> KafkaCluster:
-        java = find_java()
+        java = self._java = find_java()
         self._lib = resolve(progress=self.progress)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="gpusentry-kafka-"))
@@ -342,10 +343,9 @@ class KafkaCluster:
         node = self.node(node_id)
         if node.running:
             return
-        java = find_java()
-        node._out = open(node.config_path.parent / "stdout.log", "ab")  # noqa: SIM115 - closed in stop_node()
+        node._out = open(node.config_path.parent / "stdout.log", "ab")  # noqa: SIM115 - closed in _close()
         node.proc = subprocess.Popen(
-            [java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            [self._java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
              "-Djava.awt.headless=true", *self._jvm_flags(node), "-cp", f"{self._lib}/*", "kafka.Kafka",
              str(node.config_path)],
             stdout=node._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -380,17 +380,6 @@ class KafkaCluster:
         if node.proc is not None and node.proc.poll() is None:
             os.killpg(node.proc.pid, signal.SIGKILL)
             node.proc.wait(30)
-        self._close(node)
-
-    def stop_node(self, node_id: int, timeout: float = 30.0) -> None:
-        node = self.node(node_id)
-        if node.proc is not None and node.proc.poll() is None:
-            node.proc.terminate()
-            try:
-                node.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.proc.pid, signal.SIGKILL)
-                node.proc.wait(30)
         self._close(node)
 
     @staticmethod
