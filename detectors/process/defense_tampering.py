@@ -113,16 +113,10 @@ class DefenseTampering(Detector):
         if event["event"]["type"] != ["start"]:
             return ()
         p = event["process"]
-        best: tuple[str, str] | None = None
-        for seg in segments(argv(p)):
-            found = tampering(seg)
-            if found and (best is None or found[0] == "medium"):
-                best = found
-                if found[0] == "medium":
-                    break
-        if best is None:
+        found = [f for f in map(tampering, segments(argv(p))) if f]
+        if not found:
             return ()
-        severity, reason = best
+        severity, reason = next((f for f in found if f[0] == "medium"), found[0])  # the strongest, first
         return [self.finding(event, f"pid {p['pid']} ({p['name']}) {reason}", timestamp=event_time(event),
                              severity=severity, score=0.6 if severity == "medium" else 0.3,
                              fields=process_fields(event))]

@@ -95,31 +95,27 @@ def _kubectl(args: list[str]) -> Launch | None:
         rest, command = rest[:k], rest[k + 1:]
     else:
         command = []
-    words, i = [], 0
-    while i < len(rest):  # the subcommand words, without the values of options before them (-n ml run ...)
-        a = rest[i]
-        if a.startswith("-"):
-            i = _value(rest, i)[1] if a.split("=", 1)[0] in _KUBECTL_VALUE_OPTIONS | {"--image", "--env"} \
-                and "=" not in a else i + 1
-            continue
-        words.append(a)
-        i += 1
-    if not (words[:1] == ["run"] or words[:2] in (["create", "job"], ["create", "deployment"],
-                                                   ["create", "cronjob"])):
-        return None
+    # One pass: the subcommand words (without the values of options around them: -n ml run ...), the image and
+    # the environment.
+    words: list[str] = []
     image, env, i = None, [], 0
     while i < len(rest):
-        opt = rest[i].split("=", 1)[0]
-        if opt in ("--image", "--env"):
+        a = rest[i]
+        opt = a.split("=", 1)[0]
+        if not a.startswith("-"):
+            words.append(a)
+            i += 1
+        elif opt in ("--image", "--env"):
             value, i = _value(rest, i)
             if value is not None and opt == "--image":
                 image = value
             elif value is not None:
                 env.append(value)
-        elif opt in _KUBECTL_VALUE_OPTIONS:
-            i = _value(rest, i)[1]
         else:
-            i += 1
+            i = _value(rest, i)[1] if opt in _KUBECTL_VALUE_OPTIONS and "=" not in a else i + 1
+    if not (words[:1] == ["run"] or words[:2] in (["create", "job"], ["create", "deployment"],
+                                                   ["create", "cronjob"])):
+        return None
     return Launch(image, command, env) if image else None
 
 
