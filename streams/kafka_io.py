@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError
 
 from gpusentry.config import Config
+from streams.pipeline import EndOffsetsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ broker_back: list[Callable[[], object]] = []
 # Errors that mean "the broker is not there right now" (restarting, a network cut): wait and ask again.
 _TRANSIENT = (KafkaTimeoutError, KafkaConnectionError, NodeNotReadyError)
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
+# The pipeline's end-offset queries (for the event-time hold) are a hint, not a guarantee: asked again soon, so a
+# query the broker does not answer in this long is given up rather than waited for.
+END_QUERY_S = 5.0
 
 
 async def until_answered(what: str, call: Callable[[], Awaitable[Any]], *,
@@ -185,6 +189,21 @@ class KafkaClients:
         async with self._reader_lock:
             ends = await until_answered("the alerts topic's end offsets", lambda: self.reader.end_offsets(tps))
         return {tp.partition: off for tp, off in ends.items()}
+
+    async def end_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Where each (topic, partition) ends on the broker now; :class:`EndOffsetsUnavailable` if it does not say
+        within ``END_QUERY_S``."""
+        tps = [TopicPartition(topic, number) for topic, number in partitions]
+
+        async def ask() -> dict[TopicPartition, int]:
+            async with self._reader_lock:
+                return await self.reader.end_offsets(tps)
+
+        try:
+            ends = await asyncio.wait_for(ask(), END_QUERY_S)
+        except (KafkaError, TimeoutError) as exc:
+            raise EndOffsetsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
 
     async def read_alerts_since(self, marks: dict[int, int]) -> list[bytes]:
         starts = {TopicPartition(self.alerts_topic, p): marks.get(p, 0)

@@ -50,6 +50,12 @@ class WorkerMetrics:
                                            "Checkpoints not written because they exceeded worker.checkpoint_max_bytes.",
                                            registry=r)
         self.restores = Counter("gpusentry_worker_restores", "Partition checkpoints restored.", registry=r)
+        self.end_offset_failures = Counter("gpusentry_worker_end_offset_queries_failed", "Queries of the event "
+                                           "topics' end offsets (asked while messages are held for event-time "
+                                           "order) the broker did not answer in time.", registry=r)
+        self.stalled_topics = Counter("gpusentry_worker_stalled_topic_waits", "Times a topic's records were known "
+                                      "on the broker but not received past worker.reorder_hold_s, so the "
+                                      "partition's other topics waited for them.", ["topic"], registry=r)
         self.kept = Counter("gpusentry_worker_partitions_kept", "Partitions a rebalance revoked and gave straight "
                             "back, kept in memory instead of restored from their checkpoint.", registry=r)
         self.topic_problems = Gauge("gpusentry_worker_topic_problems", "Topics missing or with another partition "

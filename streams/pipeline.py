@@ -11,9 +11,11 @@ logic (that is :class:`detectors.engine.Engine`).  What this module owns is deli
   to snapshot every host at once.
 * **Event-time order across topics.**  With ``reorder_hold_s`` (the worker's ``[worker] reorder_hold_s``), a
   partition's messages are held per topic and released earliest event time first, while no topic that is
-  delivering to the partition (it delivered within ``DELIVERING_S`` and has records left on the broker) is behind
-  (at most ``reorder_hold_s`` of waiting per message, and ``reorder_max_held`` messages): a worker catching up a backlog meets a host's events in the order ``replay`` does.  Messages
-  less than ``BACKLOG_AFTER_S`` behind the wall clock (a live fleet) are not held.
+  delivering to the partition (it delivered within ``DELIVERING_S`` and has records left on the broker) is behind.
+  A held message waits at most ``reorder_hold_s`` for such a topic, and up to ``STALLED_WAIT_S`` for one whose
+  end offset, asked of the broker, shows records not received yet (its fetches stalled); ``reorder_max_held``
+  bounds what is held.  So a worker catching up a backlog meets a host's events in the order ``replay`` does.
+  Messages less than ``BACKLOG_AFTER_S`` behind the wall clock (a live fleet) are not held.
 * **Offsets after state.**  A message is acknowledged to faust (and so becomes committable) only
   after a checkpoint that covers it is on the broker, and that checkpoint is written only after every
   alert and dead letter sent before it is acknowledged by the broker.  A killed worker therefore
@@ -58,6 +60,10 @@ BACKLOG_AFTER_S = 30.0
 # (each held message at most reorder_hold_s). Longer than a broker restart: during one nothing is delivered, and
 # afterwards one topic's records must not run ahead of another's merely because both were silent meanwhile.
 DELIVERING_S = 120.0
+# Past reorder_hold_s a held message still waits, up to this long, for a topic the broker says has records this
+# worker has not received yet: after a broker restart one topic's fetches can resume tens of seconds after
+# another's (seen on a loaded machine), and without the wait the other topic's events would run ahead of them.
+STALLED_WAIT_S = DELIVERING_S
 # Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
 MAX_ORIGINAL_BYTES = 64 * 1024
 
@@ -67,6 +73,10 @@ class DeadLetterReason:
 
     DETECTOR_FAILED = "detector_failed"
     BAD_FEEDBACK = "bad_feedback"
+
+
+class EndOffsetsUnavailable(RuntimeError):
+    """The broker did not say where the asked partitions end (restarting, cut off); the caller goes on without."""
 
 
 class KafkaIO(Protocol):
@@ -84,6 +94,9 @@ class KafkaIO(Protocol):
     async def checkpoint_end(self, partition: int) -> int: ...  # the checkpoint partition's end offset
 
     async def alert_end_offsets(self) -> dict[int, int]: ...
+
+    # Where each (topic, partition) ends on the broker; raises EndOffsetsUnavailable when the broker does not say.
+    async def end_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]: ...
 
     async def read_alerts_since(self, marks: dict[int, int]) -> Iterable[bytes]: ...
 
@@ -120,6 +133,7 @@ class PartitionState:
     recent: dict[str, deque[bytes]] = field(default_factory=dict)
     recent_snap: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     written_at_offset: int | None = None  # where this worker's last checkpoint of the partition landed
+    stalled: set[str] = field(default_factory=set)  # topics waited for past the hold, until they deliver again
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,12 @@ class Pipeline:
         self.reorder_max_held = reorder_max_held
         # (topic, partition) -> the broker's end offset as the consumer last saw it (set by the worker), or None.
         self.highwater: Callable[[str, int], int | None] | None = None
+        # (topic, partition) -> its end offset as the broker last answered an end_offsets query (asked while
+        # messages wait in the hold): fresher than the consumer's view of a topic whose fetches have stalled.
+        self._broker_ends: dict[tuple[str, int], tuple[int, float]] = {}  # (end offset, monotonic time asked)
+        # (topic, partition) -> monotonic time of the consumer's last fetch response for it (its highwater is as
+        # of then), or None where the consumer does not say (set by the worker).
+        self.polled_at: Callable[[str, int], float | None] | None = None
         self.io = io
         self.topics = topics
         self.max_message_bytes = max_message_bytes
@@ -208,6 +228,7 @@ class Pipeline:
             at = _message_time(decoded)
             part.held.setdefault(topic, deque()).append((at, now, offset, key, value, ack, decoded))
             part.last_seen[topic] = now
+            part.stalled.discard(topic)
             part.next_offset[topic] = offset + 1
             if at > part.delivered_to.get(topic, float("-inf")):
                 part.delivered_to[topic] = at
@@ -229,28 +250,89 @@ class Pipeline:
             first = part.held[topic][0]
             # Only a backlog needs holding: fresh events (a live fleet, seconds behind the wall clock) are never
             # "late" to one another, and incident keys do not depend on their order, so they are not delayed.
-            if not force and now - first[1] < hold and time.time() - ts > BACKLOG_AFTER_S:
+            waited = now - first[1]
+            if not force and waited < max(hold, STALLED_WAIT_S) and time.time() - ts > BACKLOG_AFTER_S:
                 # Behind: a topic still delivering here, with nothing held, that has not yet delivered this far.
                 behind = [t for t, seen in part.last_seen.items() if now - seen < max(hold, DELIVERING_S)
                           and not part.held.get(t) and part.delivered_to.get(t, float("-inf")) < ts
-                          and not self._drained(t, part)]
+                          and not self._drained(t, part, first[1])]
+                if waited >= hold:
+                    # Past the hold, only a topic the broker says has records not received yet is waited for.
+                    behind = [t for t in behind if self._undelivered(t, part)]
+                    # A stall: the topic has delivered nothing here for the whole hold (counted once until it does).
+                    for t in {t for t in behind if now - part.last_seen[t] >= hold} - part.stalled:
+                        part.stalled.add(t)
+                        self.metrics.stalled_topics.labels(t).inc()
+                        log.info("partition %d: %s has records on the broker not received yet; its other topics "
+                                 "wait for them (at most %.0f s per message)", part.number, t, STALLED_WAIT_S)
                 if behind and sum(len(q) for q in part.held.values()) < self.reorder_max_held:
                     return  # a topic that is delivering may still bring something earlier
             _, _, offset, key, value, ack, decoded = part.held[topic].popleft()
             await self._process(part, topic, offset, key, value, ack, decoded)
 
-    def _drained(self, topic: str, part: PartitionState) -> bool:
-        """Whether ``topic`` has delivered everything the broker holds for this partition (nothing to wait for)."""
-        if self.highwater is None:
+    def _end_answers(self, topic: str, part: PartitionState) -> list[tuple[int, float | None]]:
+        """What is known of where the topic's partition ends, as (end offset, monotonic time it was true; None:
+        unknown): the broker's last answer to the hold's query, and the consumer's last fetch response."""
+        answers: list[tuple[int, float | None]] = []
+        asked = self._broker_ends.get((topic, part.number))
+        if asked is not None:
+            answers.append(asked)
+        if self.highwater is not None:
+            end = self.highwater(topic, part.number)
+            if end is not None:
+                answers.append((end, self.polled_at(topic, part.number) if self.polled_at is not None else None))
+        return answers
+
+    @staticmethod
+    def _position(topic: str, part: PartitionState) -> int:
+        """Where the consumer stands in the topic's partition: after the last message delivered here, or else at
+        the restored checkpoint's offset, from where it resumes (-1: not known)."""
+        return max(part.next_offset.get(topic, -1), part.offsets.get(topic, -1))
+
+    def _drained(self, topic: str, part: PartitionState, since: float) -> bool:
+        """Whether ``topic`` had delivered here everything the broker held for this partition at some moment after
+        ``since`` (when the message that would wait for it arrived): a consumer's view from before then may be
+        stale (its fetches of that topic stalled, and records came meanwhile), so it proves nothing."""
+        answers = self._end_answers(topic, part)
+        # End offsets only grow: any answer beyond the position, fresh or not, shows records still to come. An
+        # empty partition has nothing to wait for, delivered here or not.
+        if not answers or max(end for end, _ in answers) > max(self._position(topic, part), 0):
             return False
-        end = self.highwater(topic, part.number)
-        # An empty partition has nothing to wait for, delivered here or not.
-        return end is not None and (end == 0 or part.next_offset.get(topic, -1) >= end)
+        return any(at is None or at >= since for _, at in answers)
+
+    def _undelivered(self, topic: str, part: PartitionState) -> bool:
+        """Whether the broker holds records of ``topic`` for this partition beyond what reached this worker (so
+        they are on their way, however slowly)."""
+        answers = self._end_answers(topic, part)
+        position = self._position(topic, part)
+        return bool(answers) and position >= 0 and max(end for end, _ in answers) > position
+
+    async def _refresh_ends(self, now: float) -> None:
+        """Ask the broker where the event topics end, for the partitions whose earliest held message has waited
+        half the hold (so the answer is there when the hold runs out)."""
+        half = self.reorder_hold_s / 2
+        wanted = sorted({(topic, number) for number, part in self.partitions.items()
+                         if any(q and now - q[0][1] >= half for q in part.held.values())
+                         for topic in self.topics.events})
+        if not wanted:
+            return
+        asked = time.monotonic()  # the answer is true at least from when it was asked
+        try:
+            ends = await self.io.end_offsets(wanted)
+        except EndOffsetsUnavailable as exc:
+            # Asked again at the next tick; meanwhile the hold goes by what the consumer last saw.
+            self.metrics.end_offset_failures.inc()
+            log.debug("end offsets of the held partitions not known: %s", exc)
+            return
+        for tp, end in ends.items():
+            self._broker_ends[tp] = (end, asked)
 
     async def release_due(self) -> None:
         """Process the held messages that have waited long enough (the worker's timer)."""
         if self.reorder_hold_s <= 0:
             return
+        # Outside the lock: the query waits for the broker, processing need not.
+        await self._refresh_ends(time.monotonic())
         async with self.lock:
             now = time.monotonic()
             for part in list(self.partitions.values()):

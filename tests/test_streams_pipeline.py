@@ -5,6 +5,7 @@ test_streams_worker.py and test_streams_recovery.py.)"""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -60,6 +61,18 @@ class FakeIO:
 
     async def alert_end_offsets(self):
         return {0: len(self.topics["alerts"])}
+
+    # Where the event topics end on the "broker": set by a test that feeds the pipeline its messages.
+    event_ends: dict[tuple[str, int], int] | None = None
+    end_queries = 0
+
+    async def end_offsets(self, partitions):
+        from streams.pipeline import EndOffsetsUnavailable
+
+        self.end_queries += 1
+        if self.event_ends is None:
+            raise EndOffsetsUnavailable("the fake broker does not answer")
+        return {tp: self.event_ends[tp] for tp in partitions if tp in self.event_ends}
 
     async def read_alerts_since(self, marks):
         return self.topics["alerts"][marks.get(0, 0):]
@@ -361,6 +374,74 @@ def test_held_messages_meet_the_engine_in_event_time_order_whichever_topic_came_
     assert run(go(2.0)) == expected
     in_arrival_order = run(go(0.0))
     assert in_arrival_order != expected, "the test must show what arrival order gets wrong"
+
+
+def test_a_topic_whose_fetches_stall_past_the_hold_is_waited_for_while_the_broker_says_it_has_more():
+    """After a broker restart one topic's fetches can resume long after another's (more than reorder_hold_s, on a
+    loaded machine). The broker's end offsets show the stalled topic's records are there: the other topic's held
+    messages wait for them, and the incidents are replay's. A broker that says nothing more is there (or does not
+    answer) gets the plain hold, and the GPU samples run ahead: the comparison that shows the wait matters."""
+    from tests.streams_helpers import gpu_batch
+
+    host = "gpu-node-7"
+    gpu_msgs, proc_msgs = [], []
+    for k in range(160):
+        t = T0 + 10 * k
+        batch = [benign_start(host, t, pid=10_000 + k)]
+        if k in (5, 90):
+            batch.append(miner_start(host, t + 1, pid=31_000 + k))
+        gpu_msgs.append(msg(gpu_batch(host, t)))
+        proc_msgs.append(msg(batch))
+    engine = Engine()
+    expected = []
+    for g, pr in zip(gpu_msgs, proc_msgs, strict=True):
+        for v in (g, pr):
+            for ev in orjson.loads(v):
+                expected += [a["event"]["id"] for a in engine.process(c.validate_or_raise(ev))]
+    hold, cut = 0.3, 40
+
+    async def go(ends: str) -> tuple[list[str], FakeIO, float]:
+        io = FakeIO()
+        p = Pipeline(Engine(), io, TOPICS, max_message_bytes=1_048_576, checkpoint_interval_s=3600.0,
+                     reorder_hold_s=hold)
+        # Before the restart both topics deliver in step.
+        for off in range(cut):
+            await p.handle("gpu", 0, off, host.encode(), gpu_msgs[off], ack=lambda: None)
+            await p.handle("process", 0, off, host.encode(), proc_msgs[off], ack=lambda: None)
+        # After it, the GPU topic's fetches resume at once; the process topic's only after four holds.
+        if ends == "consumer view stale":
+            # The consumer's last fetch of the process topic, from before the restart, says it is all delivered;
+            # its fetches of the empty network and dns topics go on (each answer is fresh).
+            polled = time.monotonic()
+            p.highwater = lambda topic, number: {"process": cut, "network": 0, "dns": 0}.get(topic)
+            p.polled_at = lambda topic, number: polled if topic == "process" else time.monotonic()
+        if ends in ("all there", "consumer view stale"):
+            io.event_ends = {("gpu", 0): len(gpu_msgs), ("process", 0): len(proc_msgs)}
+        elif ends == "nothing more":
+            io.event_ends = {("gpu", 0): len(gpu_msgs), ("process", 0): cut}
+        for off in range(cut, len(gpu_msgs)):
+            await p.handle("gpu", 0, off, host.encode(), gpu_msgs[off], ack=lambda: None)
+        for _ in range(16):
+            await asyncio.sleep(hold / 4)
+            await p.release_due()  # the worker's timer
+        for off in range(cut, len(proc_msgs)):
+            await p.handle("process", 0, off, host.encode(), proc_msgs[off], ack=lambda: None)
+        await asyncio.sleep(hold + 0.05)
+        await p.release_due()
+        await p.checkpoint_due(force=True)
+        await io.flush()
+        stalls = p.metrics.registry.get_sample_value("gpusentry_worker_stalled_topic_waits_total",
+                                                      {"topic": "process"})
+        return [orjson.loads(v)["event"]["id"] for v in io.topics["alerts"]], io, stalls or 0.0
+
+    for ends in ("all there", "consumer view stale"):
+        waited, io, stalls = run(go(ends))
+        assert io.end_queries > 0 and stalls == 1.0, ends  # one stall, counted once however long it lasted
+        assert waited == expected, ends
+    for ends in ("nothing more", "no answer"):
+        ran_ahead, io, stalls = run(go(ends))
+        assert ran_ahead != expected, f"{ends}: the test must show what running ahead gets wrong"
+        assert io.end_queries > 0 and stalls == 0.0
 
 
 def test_a_resent_copy_of_a_message_reaches_the_engine_once_and_a_restore_keeps_that():
