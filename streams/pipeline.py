@@ -64,6 +64,10 @@ DELIVERING_S = 120.0
 # worker has not received yet: after a broker restart one topic's fetches can resume tens of seconds after
 # another's (seen on a loaded machine), and without the wait the other topic's events would run ahead of them.
 STALLED_WAIT_S = DELIVERING_S
+# A view of a partition's end (the consumer's last fetch response, or the broker's answer) this old or younger says
+# whether the topic is drained. The consumer refreshes its view of a drained partition with every fetch (faust's
+# aiokafka consumer waits 1.5 s at most for one); a view older than this is of a partition whose fetches stalled.
+VIEW_FRESH_S = 5.0
 # Dead letters carry the original message up to this size (enough to debug, never a 10 MB copy).
 MAX_ORIGINAL_BYTES = 64 * 1024
 
@@ -255,7 +259,7 @@ class Pipeline:
                 # Behind: a topic still delivering here, with nothing held, that has not yet delivered this far.
                 behind = [t for t, seen in part.last_seen.items() if now - seen < max(hold, DELIVERING_S)
                           and not part.held.get(t) and part.delivered_to.get(t, float("-inf")) < ts
-                          and not self._drained(t, part, first[1])]
+                          and not self._drained(t, part, first[1], now)]
                 if waited >= hold:
                     # Past the hold, only a topic the broker says has records not received yet is waited for.
                     behind = [t for t in behind if self._undelivered(t, part)]
@@ -289,16 +293,16 @@ class Pipeline:
         the restored checkpoint's offset, from where it resumes (-1: not known)."""
         return max(part.next_offset.get(topic, -1), part.offsets.get(topic, -1))
 
-    def _drained(self, topic: str, part: PartitionState, since: float) -> bool:
-        """Whether ``topic`` had delivered here everything the broker held for this partition at some moment after
-        ``since`` (when the message that would wait for it arrived): a consumer's view from before then may be
-        stale (its fetches of that topic stalled, and records came meanwhile), so it proves nothing."""
+    def _drained(self, topic: str, part: PartitionState, since: float, now: float) -> bool:
+        """Whether ``topic`` has delivered here everything the broker holds for this partition, as a view from after
+        ``since`` (when the message that would wait for it arrived) or from the last ``VIEW_FRESH_S`` shows: an
+        older one may be stale (the topic's fetches stalled, and records came meanwhile), so it proves nothing."""
         answers = self._end_answers(topic, part)
         # End offsets only grow: any answer beyond the position, fresh or not, shows records still to come. An
         # empty partition has nothing to wait for, delivered here or not.
         if not answers or max(end for end, _ in answers) > max(self._position(topic, part), 0):
             return False
-        return any(at is None or at >= since for _, at in answers)
+        return any(at is None or at >= since or now - at <= VIEW_FRESH_S for _, at in answers)
 
     def _undelivered(self, topic: str, part: PartitionState) -> bool:
         """Whether the broker holds records of ``topic`` for this partition beyond what reached this worker (so

@@ -410,9 +410,9 @@ def test_a_topic_whose_fetches_stall_past_the_hold_is_waited_for_while_the_broke
             await p.handle("process", 0, off, host.encode(), proc_msgs[off], ack=lambda: None)
         # After it, the GPU topic's fetches resume at once; the process topic's only after four holds.
         if ends == "consumer view stale":
-            # The consumer's last fetch of the process topic, from before the restart, says it is all delivered;
-            # its fetches of the empty network and dns topics go on (each answer is fresh).
-            polled = time.monotonic()
+            # The consumer's last fetch of the process topic, from before the restart (half a minute ago), says it
+            # is all delivered; its fetches of the empty network and dns topics go on (each answer is fresh).
+            polled = time.monotonic() - 30
             p.highwater = lambda topic, number: {"process": cut, "network": 0, "dns": 0}.get(topic)
             p.polled_at = lambda topic, number: polled if topic == "process" else time.monotonic()
         if ends in ("all there", "consumer view stale"):
