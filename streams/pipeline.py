@@ -274,42 +274,36 @@ class Pipeline:
             _, _, offset, key, value, ack, decoded = part.held[topic].popleft()
             await self._process(part, topic, offset, key, value, ack, decoded)
 
-    def _end_answers(self, topic: str, part: PartitionState) -> list[tuple[int, float | None]]:
-        """What is known of where the topic's partition ends, as (end offset, monotonic time it was true; None:
-        unknown): the broker's last answer to the hold's query, and the consumer's last fetch response."""
-        answers: list[tuple[int, float | None]] = []
-        asked = self._broker_ends.get((topic, part.number))
-        if asked is not None:
-            answers.append(asked)
-        if self.highwater is not None:
-            end = self.highwater(topic, part.number)
-            if end is not None:
-                answers.append((end, self.polled_at(topic, part.number) if self.polled_at is not None else None))
-        return answers
-
-    @staticmethod
-    def _position(topic: str, part: PartitionState) -> int:
-        """Where the consumer stands in the topic's partition: after the last message delivered here, or else at
-        the restored checkpoint's offset, from where it resumes (-1: not known)."""
-        return max(part.next_offset.get(topic, -1), part.offsets.get(topic, -1))
-
     def _drained(self, topic: str, part: PartitionState, since: float, now: float) -> bool:
         """Whether ``topic`` has delivered here everything the broker holds for this partition, as a view from after
         ``since`` (when the message that would wait for it arrived) or from the last ``VIEW_FRESH_S`` shows: an
         older one may be stale (the topic's fetches stalled, and records came meanwhile), so it proves nothing."""
-        answers = self._end_answers(topic, part)
-        # End offsets only grow: any answer beyond the position, fresh or not, shows records still to come. An
-        # empty partition has nothing to wait for, delivered here or not.
-        if not answers or max(end for end, _ in answers) > max(self._position(topic, part), 0):
+        # Called for every waiting topic of every held message: the consumer's clock is read only when needed.
+        number = part.number
+        position = max(part.next_offset.get(topic, -1), part.offsets.get(topic, -1), 0)
+        asked = self._broker_ends.get((topic, number))
+        end = self.highwater(topic, number) if self.highwater is not None else None
+        # End offsets only grow: any view beyond the position, fresh or not, shows records still to come. An empty
+        # partition has nothing to wait for, delivered here or not.
+        if (asked is None and end is None) or (asked is not None and asked[0] > position) or (
+                end is not None and end > position):
             return False
-        return any(at is None or at >= since or now - at <= VIEW_FRESH_S for _, at in answers)
+        if asked is not None and (asked[1] >= since or now - asked[1] <= VIEW_FRESH_S):
+            return True
+        if end is None:
+            return False
+        at = self.polled_at(topic, number) if self.polled_at is not None else None
+        return at is None or at >= since or now - at <= VIEW_FRESH_S
 
     def _undelivered(self, topic: str, part: PartitionState) -> bool:
         """Whether the broker holds records of ``topic`` for this partition beyond what reached this worker (so
-        they are on their way, however slowly)."""
-        answers = self._end_answers(topic, part)
-        position = self._position(topic, part)
-        return bool(answers) and position >= 0 and max(end for end, _ in answers) > position
+        they are on their way, however slowly): measured from the last one delivered, or else the restored
+        checkpoint's offset, from where the consumer resumes."""
+        position = max(part.next_offset.get(topic, -1), part.offsets.get(topic, -1))
+        asked = self._broker_ends.get((topic, part.number))
+        end = self.highwater(topic, part.number) if self.highwater is not None else None
+        ends = [e for e in (asked[0] if asked is not None else None, end) if e is not None]
+        return position >= 0 and bool(ends) and max(ends) > position
 
     async def _refresh_ends(self, now: float) -> None:
         """Ask the broker where the event topics end, for the partitions whose earliest held message has waited

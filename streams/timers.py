@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from aiokafka import TopicPartition
+from aiokafka.errors import IllegalStateError
+
 if TYPE_CHECKING:
     from streams.app import WorkerApp
 
@@ -31,9 +34,6 @@ def register(wa: WorkerApp) -> None:
     def consumer_polled_at(topic: str, partition: int) -> float | None:
         """When the consumer last had a fetch response for the partition (its highwater is as of then), on the
         monotonic clock; None where it does not say. The consumer of faust's aiokafka driver keeps it."""
-        from aiokafka import TopicPartition
-        from aiokafka.errors import IllegalStateError
-
         try:
             consumer = app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
             ms = consumer.last_poll_timestamp(TopicPartition(topic, partition))
