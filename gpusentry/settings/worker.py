@@ -13,10 +13,10 @@ class WorkerSettings(Section):
     reorder_hold_s: float = Field(
         10.0, ge=0, le=60, description="Each partition's messages reach detection in event-time order across the "
         "event topics (a host's GPU samples, process, network and DNS events in the order they happened, whichever "
-        "topic the consumer fetched first), waiting at most this long for a topic that is still delivering. A "
-        "worker catching up a backlog then decides what `gpusentry replay` decides; after a broker restart one "
-        "topic's fetches can resume seconds after another's, hence 10 s. Only a backlog (events over 30 s old) is "
-        "ever held. 0: in arrival order.")
+        "topic the consumer fetched first), waiting at most this long for a topic that is still delivering, and up to 120 s for one whose records the "
+        "broker holds but this worker has not received (its fetches stalled: after a broker restart one topic's "
+        "can resume tens of seconds after another's). A worker catching up a backlog then decides what `gpusentry "
+        "replay` decides. Only a backlog (events over 30 s old) is ever held. 0: in arrival order.")
     checkpoint_interval_s: float = Field(
         10.0, gt=0, le=600, description="Seconds between checkpoints of a partition's detector state (and the "
         "input offsets it covers). A killed worker's successor replays about this much input; shorter costs "
