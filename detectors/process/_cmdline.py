@@ -232,7 +232,12 @@ def is_text_tool(args: list[str]) -> bool:
     """True for programs whose arguments only mention things (grep xmrig, docker logs miner)."""
     if not args:
         return False
-    name = basename(args[0]).lower()
+    exe = args[0]
+    if "/" in exe and (not exe.startswith("/") or staging_dir(exe)):
+        # ./test, bin/grep, /tmp/ls: a file someone put there under a tool's name (GMiner renamed `test` was
+        # published so), not the tool; a tool is run from PATH or an absolute install path.
+        return False
+    name = basename(exe).lower()
     if name in CONTAINER_CLIS:
         sub = next((a for a in args[1:] if not a.startswith("-")), "")
         return sub not in _CONTAINER_RUN
