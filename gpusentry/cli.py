@@ -56,6 +56,9 @@ def setup(config_path: Path | None) -> Config:
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     configure_logging(cfg)
+    from gpusentry import knowledge
+
+    knowledge.use_directory(cfg.detection.knowledge_dir)  # before any detector reads its file
     return cfg
 
 
@@ -250,6 +253,79 @@ def pools_show(
 
     cfg = setup(config)
     typer.echo(describe(cfg.detection.pools, show_entries=entries))
+
+
+knowledge_app = typer.Typer(help="The knowledge files detectors read: list them, check one, install a new one.",
+                             no_args_is_help=True)
+app.add_typer(knowledge_app, name="knowledge")
+
+
+@knowledge_app.command("list")
+def knowledge_list(config: ConfigOption = None) -> None:
+    """Print each knowledge file gpusentry reads: where from (shipped or installed), its version and entries."""
+    import tomllib
+
+    from gpusentry import knowledge
+
+    cfg = setup(config)
+    directory = cfg.detection.knowledge_dir
+    for name in knowledge.FILES:
+        shipped = knowledge.shipped_path(name)
+        installed = directory / name if directory is not None and (directory / name).is_file() else None
+        path = installed or shipped
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            typer.echo(f"{name:22} {path}: unreadable ({exc}); `gpusentry knowledge check {path}` says why")
+            continue
+        counts = ", ".join(f"{len(v)} {k}" for k, v in doc.items() if isinstance(v, list))
+        typer.echo(f"{name:22} v{doc.get('version')} {counts} ({'installed' if installed else 'shipped'}: {path})")
+
+
+@knowledge_app.command("check")
+def knowledge_check(
+    files: Annotated[list[Path], typer.Argument(help="Knowledge files to check (each by its file name, or --as).")],
+    as_name: Annotated[str | None, typer.Option("--as", help="Check every file as this knowledge file "
+                                                "(e.g. miners.toml).", show_default=False)] = None,
+) -> None:
+    """Check knowledge files as the detectors will load them; exit 1 naming the entry and key to fix."""
+    from gpusentry import knowledge
+
+    bad = 0
+    for path in files:
+        name = as_name or path.name
+        try:
+            counts = knowledge.check(name, path)
+        except (knowledge.KnowledgeError, OSError) as exc:
+            bad += 1
+            err.print(Text.assemble(("invalid:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
+            continue
+        typer.echo(f"ok: {path} as {name}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    if bad:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@knowledge_app.command("refresh")
+def knowledge_refresh(
+    name: Annotated[str, typer.Argument(help="Which knowledge file (e.g. miners.toml; `gpusentry knowledge list`).")],
+    source: Annotated[str, typer.Option("--from", help="File path or http(s) URL of the new file.")],
+    config: ConfigOption = None,
+) -> None:
+    """Check a new version of a knowledge file and install it in detection.knowledge_dir (atomically)."""
+    from gpusentry import knowledge
+    from gpusentry.pools import PoolRefreshError, fetch, safe_source
+
+    cfg = setup(config)
+    if cfg.detection.knowledge_dir is None:
+        fail("detection.knowledge_dir is not set; set it (e.g. /var/lib/gpusentry/knowledge) so workers read "
+             "installed files from there", EXIT_USAGE)
+    try:
+        text = fetch(source)
+        path, counts = knowledge.install(name, text, cfg.detection.knowledge_dir, source=safe_source(source))
+    except (PoolRefreshError, knowledge.KnowledgeError) as exc:
+        fail(f"{exc}; nothing installed")
+    typer.echo(f"installed {name} from {safe_source(source)} at {path}: "
+               + ", ".join(f"{n} {k}" for k, n in counts.items()) + "; restart the workers to use it")
 
 
 @app.command()

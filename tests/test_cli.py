@@ -162,3 +162,49 @@ def test_a_kafka_clients_repeated_complaint_is_said_once_a_minute_with_a_count()
     info = record("aiokafka.consumer.group_coordinator", "Revoking previously assigned partitions %s", 63.0, "x")
     info.levelno = logging.INFO
     assert f.filter(info) and f.filter(info), "a rebalance's INFO lines are never held"
+
+
+def test_a_refreshed_knowledge_file_is_checked_installed_atomically_and_read_by_replay(tmp_path):
+    """The refresh an operator does when a new miner family appears: a bad file is refused with its line or entry
+    and installs nothing; a good one lands in detection.knowledge_dir, and a replay then knows the family."""
+    import os
+
+    from detectors.examples import proc
+    from gpusentry.knowledge import shipped_path
+
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(orjson.dumps(proc("/opt/tools/zzhash-miner")) + b"\n")
+    kdir = tmp_path / "knowledge"
+    env = {**os.environ, "GPUSENTRY_DETECTION__KNOWLEDGE_DIR": str(kdir)}
+    env.pop("GPUSENTRY_CONFIG", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpusentry.cli", *args], capture_output=True, text=True,
+                              timeout=120, env=env, cwd=tmp_path)
+
+    def severities() -> list[str]:
+        r = cli("replay", str(events))
+        assert r.returncode == 0, r.stderr
+        return [orjson.loads(line)["gpusentry"]["alert"]["severity"] for line in r.stdout.splitlines()]
+
+    assert severities() == [], "the shipped knowledge does not know the family"
+    shipped = shipped_path("miners.toml").read_text()
+    broken = tmp_path / "miners-broken.toml"
+    broken.write_text(shipped.replace('id = "t-rex"', 'id = "t-rex" "trex"', 1))
+    r = cli("knowledge", "refresh", "miners.toml", "--from", str(broken))
+    assert r.returncode == 1 and f"{broken}: not valid TOML" in r.stderr and "nothing installed" in r.stderr
+    line = shipped[:shipped.index('id = "t-rex"')].count("\n") + 1
+    assert f"line {line}" in r.stderr, r.stderr
+    unsourced = tmp_path / "miners-unsourced.toml"
+    unsourced.write_text(shipped + '\n[[family]]\nid = "zzhash"\nnames = ["zzhash-miner"]\n')
+    r = cli("knowledge", "check", str(unsourced), "--as", "miners.toml")
+    assert r.returncode == 1 and "('zzhash'): `source` is missing" in r.stderr
+    assert not kdir.exists() or not list(kdir.iterdir()), "nothing installed, not even a temporary file"
+
+    good = tmp_path / "miners-new.toml"
+    good.write_text(shipped + '\n[[family]]\nid = "zzhash"\nnames = ["zzhash-miner"]\nsource = "a test"\n')
+    r = cli("knowledge", "refresh", "miners.toml", "--from", str(good))
+    assert r.returncode == 0, r.stderr
+    assert f"at {kdir / 'miners.toml'}" in r.stdout and [p.name for p in kdir.iterdir()] == ["miners.toml"]
+    assert "installed" in cli("knowledge", "list").stdout.splitlines()[0]
+    assert severities(), "a replay reads the installed file"

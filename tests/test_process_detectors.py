@@ -189,6 +189,42 @@ def test_wrapper_and_container_parsing_never_raise_on_hostile_command_lines():
     check()
 
 
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ('names = ["ethproxy+tcp"', 'names = ["ethproxy+tcp://"', r"\[\[scheme\]\] 'ethproxy': 'ethproxy\+tcp://' is not a URL scheme"),
+    ('role = "weak"', 'role = "feeble"', r"\[\[option\]\] 'shared': role 'feeble' is not one of pool, user"),
+    ('names = ["--farm-recheck"', 'names = ["farm-recheck"', r"'ethminer': 'farm-recheck' is not an option as typed"),
+    ('pattern = "0x[0-9a-fA-F]{40}"', 'pattern = "0x[0-9a-f"', r"\[\[wallet\]\] 'ethereum': `pattern` is not a regular"),
+    ('pattern = "0x[0-9a-fA-F]{40}"', 'pattern = "(0x)?"', r"'ethereum': `pattern` matches the empty string"),
+    ('id = "zmp"\nnames', 'id = "zmp"\nnamez', r"\[\[scheme\]\] entry \d+ \('zmp'\): `names` is missing"),
+])
+def test_the_miner_option_vocabulary_is_validated_with_the_entry_and_fix(tmp_path, old, new, message):
+    from detectors.process._miner_options import OPTIONS_FILE, load
+    from gpusentry.knowledge import KnowledgeError
+
+    text = OPTIONS_FILE.read_text()
+    assert old in text, "the test's edit must apply to the shipped file"
+    bad = tmp_path / "miner_options.toml"
+    bad.write_text(text.replace(old, new, 1))
+    with pytest.raises(KnowledgeError, match=message):
+        load(bad)
+
+
+def test_the_miner_option_vocabulary_reads_every_role_and_format():
+    """Each fact in the file is used: every scheme makes a pool URL, every role has options, every coin's
+    address (with a COIN: prefix and a worker suffix) is a wallet."""
+    from detectors.process._miner_options import OPTIONS
+
+    for scheme in ("stratum+tcp", "ethproxy+tcp", "nicehash+ssl", "ethstratum2+tcp", "zmp", "stratum2+tls"):
+        assert OPTIONS.pool_url.match(f"{scheme}://pool.example:3333"), scheme
+    assert not OPTIONS.pool_url.match("https://pool.example:3333")
+    assert all(OPTIONS.options[role] for role in ("pool", "user", "algorithm", "miner_only", "weak"))
+    for address in ("RM2ciYa3CRqyreRsf25omrB4e1S95waALr.batch", "XMR:48edfHu7V9Z84YzzMa6fUueoELZ9ZRXq9VetWzYGzKt52"
+                    "XU5xvqgzYnDK9URnRoJMk1j8nLwEVsaSWJ4fhdUyZijBGUicoD.w1",
+                    "dero1qyg62k4jx2yz775w3k4wh7gv3e68kf8vla702upgdskl6gr40wfggqqpck70r"):
+        assert OPTIONS.wallet.match(address), address
+    assert not OPTIONS.wallet.match("Hintuyul")
+
+
 def test_the_miner_knowledge_file_is_validated_with_the_entry_and_key_to_fix(tmp_path):
     from detectors.process._miners import MINERS_FILE, load
     from gpusentry.knowledge import KnowledgeError

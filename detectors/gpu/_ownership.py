@@ -29,7 +29,7 @@ from typing import Any
 from detectors.gpu._allocation import judge
 from detectors.gpu._window import GpuProc, Sample
 from detectors.process._cmdline import odd_hidden_dir, staging_dir
-from gpusentry.knowledge import load_entries
+from gpusentry.knowledge import load_entries, resolve
 from gpusentry.settings.gpu_detection import GpuDetectionSettings
 
 MAX_PROCESSES = 4096  # process-table entries kept per host (oldest dropped first)
@@ -211,8 +211,9 @@ LAUNCHERS_FILE = Path(__file__).with_name("launchers.toml")
 
 
 @lru_cache(maxsize=4)
-def load_launchers(path: Path = LAUNCHERS_FILE) -> re.Pattern[str]:
+def load_launchers(path: Path | None = None) -> re.Pattern[str]:
     """One pattern matching the basenames of interpreters and launchers ordinary GPU work runs as."""
+    path = path or resolve(LAUNCHERS_FILE)
     entries = load_entries(path, "launcher", required={"id": str, "names": list})
     return re.compile("|".join(fnmatch.translate(n) for e in entries for n in e["names"]))
 

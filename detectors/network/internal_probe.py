@@ -17,7 +17,7 @@ from detectors.process.tunnel import context
 from detectors.sandbox._base import LineageDetector, first_in
 from detectors.sandbox._lineage import Lineage, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
-from gpusentry.knowledge import load_entries
+from gpusentry.knowledge import load_entries, resolve
 from gpusentry.settings.detection import DetectionSettings
 
 PROBING_FILE = Path(__file__).with_name("probing.toml")
@@ -41,7 +41,8 @@ class Probing:
 
 
 @lru_cache(maxsize=4)
-def load_probing(path: Path = PROBING_FILE) -> Probing:
+def load_probing(path: Path | None = None) -> Probing:
+    path = path or resolve(PROBING_FILE)
     meta = load_entries(path, "metadata", required={"id": str, "addresses": list},
                         optional={"domains": list, "credential_paths": list})
     ports = load_entries(path, "control_port", required={"port": int, "service": str})

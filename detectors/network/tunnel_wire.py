@@ -15,7 +15,7 @@ from detectors.process.tunnel import context
 from detectors.sandbox._base import LineageDetector, first_in
 from detectors.sandbox._lineage import Lineage, shared_lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
-from gpusentry.knowledge import load_entries
+from gpusentry.knowledge import load_entries, resolve
 from gpusentry.settings.detection import DetectionSettings
 
 SERVICES_FILE = Path(__file__).with_name("tunnel_services.toml")
@@ -28,8 +28,9 @@ REPEAT_S = 3600.0
 
 
 @lru_cache(maxsize=4)
-def load_services(path: Path = SERVICES_FILE) -> dict[str, str]:
+def load_services(path: Path | None = None) -> dict[str, str]:
     """Tunnel-service domain -> service id."""
+    path = path or resolve(SERVICES_FILE)
     return {d.lower(): e["id"] for e in load_entries(path, "service", required={"id": str, "domains": list})
             for d in e["domains"]}
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpusentry.knowledge import load_entries
+from gpusentry.knowledge import load_entries, resolve
 
 MINERS_FILE = Path(__file__).with_name("miners.toml")
 _VERSION_SUFFIX = re.compile(r"[-_.]?(v?\d+(\.\d+)*)?(\.exe)?$")
@@ -77,7 +77,8 @@ def image_repository(reference: str) -> str:
     return "/".join(parts).lower()
 
 
-def load(path: Path = MINERS_FILE) -> MinerKnowledge:
+def load(path: Path | None = None) -> MinerKnowledge:
+    path = path or resolve(MINERS_FILE)
     families: dict[str, str] = {}
     for entry in load_entries(path, "family", required={"id": str, "names": list}):
         for name in entry["names"]:

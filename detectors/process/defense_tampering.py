@@ -12,15 +12,22 @@ from detectors.examples import proc
 from detectors.process._cmdline import argv, basename, process_fields, segments
 from detectors.process._miners import KNOWLEDGE
 from gpusentry.contract import Dataset, event_time
-from gpusentry.knowledge import load_entries
+from gpusentry.knowledge import load_entries, resolve
 
 TAMPERING_FILE = Path(__file__).with_name("tampering.toml")
-_AGENTS = load_entries(TAMPERING_FILE, "security_agent", required={"id": str, "names": list},
-                       optional={"paths": list})
-AGENT_NAMES = {n.lower(): a["id"] for a in _AGENTS for n in a["names"]}
-AGENT_PATHS = tuple((p, a["id"]) for a in _AGENTS for p in a.get("paths", []))
-HIDERS = [h["names"] for h in load_entries(TAMPERING_FILE, "hider", required={"id": str, "names": list})]
-HIDER_NAMES = frozenset(n.lower() for names in HIDERS for n in names)
+
+
+def load_tampering(path: Path | None = None) -> tuple[dict[str, str], tuple[tuple[str, str], ...], frozenset[str]]:
+    """(security agent name -> agent id, (install path, agent id), process-hider names) from ``tampering.toml``."""
+    path = path or resolve(TAMPERING_FILE)
+    agents = load_entries(path, "security_agent", required={"id": str, "names": list}, optional={"paths": list})
+    hiders = load_entries(path, "hider", required={"id": str, "names": list})
+    return ({n.lower(): a["id"] for a in agents for n in a["names"]},
+            tuple((p, a["id"]) for a in agents for p in a.get("paths", [])),
+            frozenset(n.lower() for h in hiders for n in h["names"]))
+
+
+AGENT_NAMES, AGENT_PATHS, HIDER_NAMES = load_tampering()
 
 _STOP_VERBS = frozenset({"stop", "disable", "mask", "kill"})
 _REMOVE_VERBS = frozenset({"remove", "purge", "erase", "-e", "-r", "--remove", "--purge", "uninstall"})

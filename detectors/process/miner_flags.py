@@ -9,53 +9,18 @@ from typing import Any, ClassVar
 from detectors.base import Detector, Example, Finding, Signal
 from detectors.examples import proc
 from detectors.process._cmdline import argv, basename, is_text_tool, process_fields, redact, segments
+from detectors.process._miner_options import OPTIONS
 from gpusentry.contract import Dataset, event_time
 
-# Pool URL schemes of GPU and CPU miners (XMRig, T-Rex, lolMiner, NBMiner, GMiner, BzMiner, SRBMiner, ...).
-POOL_URL = re.compile(
-    r"^(?:[a-z]+=)?(?:(?:stratum[12]?|ethproxy|ethstratum2?|nicehash|zmp|stratum2)\+(?:tcp|ssl|tls|tcps)"
-    r"|stratums?|stratum\+ssl)://", re.IGNORECASE)
-POOL_OPTIONS = frozenset({"-o", "--url", "-P", "--pool", "-pool", "--server", "-epool", "-s", "--pool1"})
-USER_OPTIONS = frozenset({"-u", "--user", "--wallet", "-w", "--login", "-ewal", "-wal", "--address", "-O",
-                          "--userpass", "--username"})
-ALGO_OPTIONS = frozenset({"-a", "--algo", "--algorithm", "-algo", "--coin", "-coin", "--mining-algo"})
-MINING_ALGOS = frozenset({
-    "kawpow", "etchash", "ethash", "ethashb3", "autolykos", "autolykos2", "kheavyhash", "heavyhash", "karlsenhash",
-    "pyrinhash", "randomx", "rx/0", "rx/wow", "rx/arq", "rx/graft", "rx/sfx", "rx/keva", "cn/r", "cn/0", "cn/1",
-    "cn/2", "cn/half", "cn/gpu", "cn-heavy/xhv", "cn/rwz", "cn/zls", "cn/double", "cryptonight", "argon2/chukwa",
-    "argon2/chukwav2", "astrobwt", "ghostrider", "gr", "equihash", "equihash144_5", "equihash125_4",
-    "equihash192_7", "beamhash", "beamhashiii", "zelhash", "octopus", "firopow", "progpow", "progpowz", "meowpow",
-    "evrprogpow", "nexapow", "blake3", "ironfish", "fishhash", "sha512256d", "sha256d", "sha3x", "cuckatoo32",
-    "cuckoo29", "cuckaroo29b", "cortex", "daggerhashimoto", "x16r", "x16rv2", "x16rt", "x25x", "x21s",
-    "verushash", "lyra2rev3", "lyra2z", "neoscrypt", "scrypt", "yescrypt", "yespower", "dynex", "xelishash",
-    "abelhash", "kapow", "ubqhash", "vertcoin", "mtp", "bcd", "dynexsolve", "alephium", "zil",
-    # coin tickers given to --coin
-    "xmr", "monero", "etc", "rvn", "erg", "kas", "flux", "firo", "nexa", "ckb", "beam", "zec", "zel", "clore",
-    "neox", "xna", "alph", "dnx", "iron", "kls", "pyi", "zeph", "rtm", "wow", "xhv", "qrl",
-})
-# Options no ordinary program has: each alone says "miner".
-MINER_ONLY_OPTIONS = frozenset({
-    "--donate-level", "--donate-over-proxy", "--randomx-1gb-pages", "--randomx-mode", "--randomx-no-numa",
-    "--randomx-init", "--randomx-wrmsr", "--cpu-max-threads-hint", "--cuda-loader", "--cuda-bfactor-hint",
-    "--cuda-bsleep-hint", "--nicehash", "--rig-id", "--tls-fingerprint", "--lhr-tune", "--lhrtune",
-    "--dag-build-mode", "--ethstratum", "--disable-dev-fee", "--no-dev-fee", "--dual-mode", "--dualmode",
-    "--opencl-platform", "--nvml", "--max-cpu-usage", "--asm", "--dual-algo", "--mining-threads",
-    "--keepalive", "-ewal", "-epool", "-dcoin", "--no-watchdog", "--kernel-tune",
-})
-# Options miners share with other GPU software: they only count beside other evidence.
-WEAK_OPTIONS = frozenset({"--cuda", "--opencl", "--no-cpu", "--worker", "--intensity", "--devices",
-                          "--api-bind-http", "--apiport", "--api-port", "--tls", "--pass", "-p", "-B",
-                          "--background", "--no-color", "--print-time", "--huge-pages"})
-_BASE58 = "[1-9A-HJ-NP-Za-km-z]"
-WALLET = re.compile(
-    rf"^(?:[A-Za-z]{{2,6}}:)?(?:[48][0-9AB]{_BASE58}{{93}}(?:{_BASE58}{{11}})?"  # Monero (and integrated)
-    r"|0x[0-9a-fA-F]{40}"  # Ethereum-style
-    r"|bc1[02-9ac-hj-np-z]{25,59}"  # Bitcoin bech32
-    rf"|[13]{_BASE58}{{25,34}}"  # Bitcoin legacy
-    rf"|R{_BASE58}{{33}}"  # Ravencoin
-    rf"|9{_BASE58}{{50}}"  # Ergo
-    r"|kaspa:[a-z0-9]{61,63}|nexa:[a-z0-9]{40,90}|t1[a-zA-Z0-9]{33})"
-    r"(?:[./+][\w.+-]*)?$")
+# The vocabulary is data (miner_options.toml, each fact with its source); these names are what the code reads.
+POOL_URL = OPTIONS.pool_url
+POOL_OPTIONS = OPTIONS.options["pool"]
+USER_OPTIONS = OPTIONS.options["user"]
+ALGO_OPTIONS = OPTIONS.options["algorithm"]
+MINING_ALGOS = OPTIONS.algorithms
+MINER_ONLY_OPTIONS = OPTIONS.options["miner_only"]  # each alone says "miner"
+WEAK_OPTIONS = OPTIONS.options["weak"]  # only beside other evidence
+WALLET = OPTIONS.wallet
 # Interpreters running a module that only fetches or inspects packages (``python -m pip download xmrig``).
 _PACKAGE_MODULES = frozenset({"pip", "pipx", "ensurepip", "venv", "uv"})
 

@@ -16,7 +16,7 @@ from detectors.process.tunnel import context
 from detectors.sandbox._base import LineageDetector
 from detectors.sandbox._lineage import Lineage
 from gpusentry.contract import Dataset, as_dict, event_time, get
-from gpusentry.knowledge import load_entries
+from gpusentry.knowledge import load_entries, resolve
 from gpusentry.settings.detection import DetectionSettings
 
 SHELLS_FILE = Path(__file__).with_name("reverse_shells.toml")
@@ -35,7 +35,8 @@ class ShellProgram:
 
 
 @lru_cache(maxsize=4)
-def load_programs(path: Path = SHELLS_FILE) -> dict[str, ShellProgram]:
+def load_programs(path: Path | None = None) -> dict[str, ShellProgram]:
+    path = path or resolve(SHELLS_FILE)
     entries = load_entries(path, "program", required={"id": str, "names": list, "kind": str},
                            optional={"exec_flags": list, "code_flags": list, "socket_markers": list,
                                      "shell_markers": list})

@@ -16,7 +16,7 @@ from detectors.process.service_spawn import service_kind
 from detectors.sandbox._base import LineageDetector
 from detectors.sandbox._lineage import Lineage, Proc
 from gpusentry.contract import Dataset, event_time, get
-from gpusentry.knowledge import load_entries
+from gpusentry.knowledge import load_entries, resolve
 from gpusentry.settings.detection import DetectionSettings
 
 TUNNELS_FILE = Path(__file__).with_name("tunnels.toml")
@@ -36,7 +36,8 @@ class TunnelKnowledge:
 
 
 @lru_cache(maxsize=4)
-def load_tunnels(path: Path = TUNNELS_FILE) -> TunnelKnowledge:
+def load_tunnels(path: Path | None = None) -> TunnelKnowledge:
+    path = path or resolve(TUNNELS_FILE)
     flags = load_entries(path, "ssh_flag", required={"flag": str, "kind": str})
     options = load_entries(path, "ssh_option", required={"name": str, "kind": str})
     tools = load_entries(path, "tool", required={"id": str, "names": list, "kind": str},

@@ -27,7 +27,7 @@ from typing import Any
 
 from detectors.process._cmdline import SHELLS, argv, basename
 from gpusentry.contract import as_dict
-from gpusentry.knowledge import load_entries
+from gpusentry.knowledge import load_entries, resolve
 from gpusentry.settings.sandboxes import SandboxSettings
 
 SHAPES_FILE = Path(__file__).with_name("sandboxes.toml")
@@ -153,7 +153,8 @@ def _any_match(value: str, patterns: Iterable[str]) -> bool:
 
 
 @lru_cache(maxsize=8)
-def load_shapes(path: Path = SHAPES_FILE) -> tuple[Shape, ...]:
+def load_shapes(path: Path | None = None) -> tuple[Shape, ...]:
+    path = path or resolve(SHAPES_FILE)
     entries = load_entries(path, "shape", required={"id": str, "framework": str},
                            optional={"process_names": list, "process_prefixes": list, "exclude_names": list,
                                      "args": list, "container_names": list, "images": list, "shell_flags": list})

@@ -51,6 +51,10 @@ class DetectionSettings(Section):
         86400.0, ge=0, description="An incident that opens on a host within this many seconds (event time) of "
         "its last resolved one continues it: same dedup key, the next `gpusentry.alert.episode` (0: never).")
     max_evidence: int = Field(50, ge=1, le=1000, description="Evidence entries kept per incident (first and latest).")
+    knowledge_dir: Path | None = Field(
+        None, description="A directory of knowledge files (miners.toml, miner_options.toml, tunnels.toml, ...; "
+        "`gpusentry knowledge list` names them) that replace the shipped ones of the same name; `gpusentry "
+        "knowledge refresh` checks and installs them here. Read at start-up: restart workers after a refresh.")
     pricing: PricingSettings = Field(default_factory=PricingSettings, description="Cost of stolen GPU time.")
     gpu: GpuDetectionSettings = Field(default_factory=GpuDetectionSettings,
                                       description="GPU behaviour models, mining signature and GPU ownership.")
