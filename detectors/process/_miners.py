@@ -45,6 +45,19 @@ class MinerKnowledge:
         raw = name.rsplit("/", 1)[-1].lower()
         return self.families.get(raw) or self.families.get(_VERSION_SUFFIX.sub("", raw) or raw)
 
+    def release_dir(self, path: str | None) -> tuple[str, str] | None:
+        """(family, directory) when ``path`` lies in a miner's unpacked release directory (``xmrig-6.22.2``,
+        ``t-rex-0.26.8``): whatever the file is called, it is the release's, renamed or not."""
+        if not path or "/" not in path:
+            return None
+        for part in path.split("/")[:-1]:
+            if not any(ch.isdigit() for ch in part):
+                continue  # a release directory carries its version; a source checkout (``src/xmrig``) does not
+            family = self.family(part)
+            if family is not None and not self.generic(part):
+                return family, part
+        return None
+
     @staticmethod
     def generic(name: str) -> bool:
         """``miner`` (GMiner's binary, and a word anything may be called): never evidence by its name alone."""

@@ -31,6 +31,11 @@ class MinerBinary(Detector):
                 [proc("screen -dmS sys ./xmrig -c config.json", executable="/usr/bin/screen")]),
         Example("t-rex under timeout and taskset", True,
                 [proc("timeout 36000 taskset -c 0-7 /opt/t-rex -a kawpow", executable="/usr/bin/timeout")]),
+        Example("a renamed binary in an unpacked xmrig release", True,
+                [proc("nohup /tmp/xmrig/xmrig-6.22.2/kqpzmdtqwe", executable="/usr/bin/nohup")]),
+        Example("a build step inside a checkout of xmrig's source", False,
+                [proc("/home/u/src/xmrig/scripts/build_deps.sh")]),
+        Example("removing an unpacked release", False, [proc("rm -rf /tmp/xmrig-6.22.2/xmrig")]),
         Example("grep for xmrig in logs", False, [proc("/usr/bin/grep xmrig /var/log/syslog")]),
         Example("screen running a log pager on the miner's log", False,
                 [proc("screen -dmS logs less /var/log/xmrig.log", executable="/usr/bin/screen")]),
@@ -52,12 +57,22 @@ class MinerBinary(Detector):
                 return [self.finding(event, f"known miner {raw!r} ({family}) started (pid {p['pid']})",
                                      timestamp=event_time(event),
                                      fields=process_fields(event))]
+        release = KNOWLEDGE.release_dir(p.get("executable"))
+        if release is not None:
+            return [self.finding(event, f"pid {p['pid']} ({p['name']}) runs from the {release[0]} release directory "
+                                 f"{release[1]!r}", timestamp=event_time(event), fields=process_fields(event))]
         # A wrapper that forks what it runs (screen -dmS, tmux new -d, timeout, systemd-run, sh -c): look inside.
         for seg in segments(argv(p)):
-            inner = basename(seg[0]) if seg else ""
+            if not seg or is_text_tool(seg):
+                continue
+            inner = basename(seg[0])
             family = KNOWLEDGE.family(inner)
-            if family is not None and not KNOWLEDGE.generic(inner) and not is_text_tool(seg) \
-                    and inner.lower() not in names:
+            if family is not None and not KNOWLEDGE.generic(inner) and inner.lower() not in names:
                 return [self.finding(event, f"pid {p['pid']} ({p['name']}) starts the known miner {inner!r} "
                                      f"({family})", timestamp=event_time(event), fields=process_fields(event))]
+            release = KNOWLEDGE.release_dir(seg[0])
+            if release is not None and seg[0] != p.get("executable"):
+                return [self.finding(event, f"pid {p['pid']} ({p['name']}) starts {inner!r} from the {release[0]} "
+                                     f"release directory {release[1]!r}", timestamp=event_time(event),
+                                     fields=process_fields(event))]
         return ()
