@@ -230,8 +230,8 @@ def test_the_miner_knowledge_file_is_validated_with_the_entry_and_key_to_fix(tmp
     from gpusentry.knowledge import KnowledgeError
 
     bad = tmp_path / "miners.toml"
-    bad.write_text(MINERS_FILE.read_text().replace('id = "t-rex"\nnames = ["t-rex", "trex"]\nsource',
-                                                   'id = "t-rex"\nnames = ["t-rex", "trex"]\nsauce'))
+    bad.write_text(MINERS_FILE.read_text().replace('id = "t-rex"\nnames = ["t-rex"]\ncommon_names = ["trex"]\nsource',
+                                                   'id = "t-rex"\nnames = ["t-rex"]\ncommon_names = ["trex"]\nsauce'))
     with pytest.raises(KnowledgeError, match=r"\[\[family\]\] entry \d+ \('t-rex'\): `source` is missing"):
         load(bad)
     assert load().family("T-Rex-0.26.8") == "t-rex"

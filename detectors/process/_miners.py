@@ -6,10 +6,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpusentry.knowledge import load_entries, resolve
+from gpusentry.knowledge import KnowledgeError, load_entries, resolve
 
 MINERS_FILE = Path(__file__).with_name("miners.toml")
-_VERSION_SUFFIX = re.compile(r"[-_.]?(v?\d+(\.\d+)*)?(\.exe)?$")
+# -6.21.0, _v1.31, -v2, .exe; not a bare -64 (Cisco's traffic generator t-rex-64 is not the T-Rex miner).
+_VERSION_SUFFIX = re.compile(r"[-_.]?(v\d+(\.\d+)*|\d+(\.\d+)+)?(\.exe)?$")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Malware:
 @dataclass(frozen=True)
 class MinerKnowledge:
     families: dict[str, str]  # executable base name -> family id
+    common: frozenset[str]  # names other software uses too: the family's, but evidence only beside its flags
     images: dict[str, str]  # image repository -> source
     malware: tuple[Malware, ...]
     layouts: dict[str, str]  # directory name -> layout id (a pool installer's miner directory)
@@ -58,11 +60,11 @@ class MinerKnowledge:
                 return family, part
         return None
 
-    @staticmethod
-    def generic(name: str) -> bool:
-        """``miner`` (GMiner's binary, and a word anything may be called): never evidence by its name alone."""
+    def generic(self, name: str) -> bool:
+        """``miner`` (GMiner's binary), ``excavator``: words other software is called too, never evidence by the
+        name alone (the family's ``common_names``)."""
         raw = name.rsplit("/", 1)[-1].lower()
-        return (_VERSION_SUFFIX.sub("", raw) or raw) == "miner"
+        return (_VERSION_SUFFIX.sub("", raw) or raw) in self.common
 
     def image(self, reference: str) -> str | None:
         """Why a container image reference is a miner's (``docker.io/xmrig/xmrig:latest``), if it is."""
@@ -93,9 +95,14 @@ def image_repository(reference: str) -> str:
 def load(path: Path | None = None) -> MinerKnowledge:
     path = path or resolve(MINERS_FILE)
     families: dict[str, str] = {}
-    for entry in load_entries(path, "family", required={"id": str, "names": list}):
-        for name in entry["names"]:
+    common: set[str] = set()
+    for entry in load_entries(path, "family", required={"id": str, "names": list},
+                              optional={"common_names": list}):
+        if not entry["names"] and not entry.get("common_names"):
+            raise KnowledgeError(f"{path}: [[family]] {entry['id']!r}: needs `names` or `common_names`")
+        for name in entry["names"] + entry.get("common_names", []):
             families[name.lower()] = entry["id"]
+        common.update(n.lower() for n in entry.get("common_names", []))
     images = {e["repository"].lower(): e["source"]
               for e in load_entries(path, "image", required={"repository": str})}
     malware = tuple(Malware(e["id"], frozenset(n.lower() for n in e.get("names", [])), tuple(e.get("paths", [])),
@@ -104,7 +111,7 @@ def load(path: Path | None = None) -> MinerKnowledge:
                                           optional={"names": list, "paths": list}))
     layouts = {d.lower(): e["id"] for e in load_entries(path, "layout", required={"id": str, "directories": list})
                for d in e["directories"]}
-    return MinerKnowledge(families, images, malware, layouts)
+    return MinerKnowledge(families, frozenset(common), images, malware, layouts)
 
 
 KNOWLEDGE = load()

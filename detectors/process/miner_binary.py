@@ -17,7 +17,9 @@ class MinerBinary(Detector):
     title = "Known cryptocurrency miner started"
     description = ("A process started whose executable or process name is a known mining program "
                    "(XMRig, T-Rex, lolMiner, NBMiner, GMiner, TeamRedMiner, BzMiner, Rigel, SRBMiner, ...: the "
-                   "families in detectors/process/miners.toml, each with its source).")
+                   "families in detectors/process/miners.toml, each with its source), or any file in a miner's "
+                   "unpacked release directory. Names other software uses too (`miner`, `excavator`, `rigel`) "
+                   "count only beside the miner's flags (process.miner_flags).")
     severity = "high"
     technique = "T1496.001"
     references = ("https://attack.mitre.org/techniques/T1496/001/",)
@@ -36,6 +38,9 @@ class MinerBinary(Detector):
         Example("a build step inside a checkout of xmrig's source", False,
                 [proc("/home/u/src/xmrig/scripts/build_deps.sh")]),
         Example("removing an unpacked release", False, [proc("rm -rf /tmp/xmrig-6.22.2/xmrig")]),
+        Example("Cisco's TRex traffic generator, not the T-Rex miner", False, [proc("/opt/trex/v3.02/t-rex-64 -i")]),
+        Example("a robotics runtime called excavator (a name NiceHash's miner shares)", False,
+                [proc("/opt/ros/excavator --params site.yaml")]),
         Example("grep for xmrig in logs", False, [proc("/usr/bin/grep xmrig /var/log/syslog")]),
         Example("screen running a log pager on the miner's log", False,
                 [proc("screen -dmS logs less /var/log/xmrig.log", executable="/usr/bin/screen")]),
