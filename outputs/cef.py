@@ -21,6 +21,7 @@ import orjson
 
 from gpusentry import __version__
 from gpusentry.contract import get
+from gpusentry.timefmt import parse_timestamp
 from outputs.base import Alert, alert_time, dedup_key, first, severity, status, truncate
 
 VENDOR = PRODUCT = "gpusentry"
@@ -86,9 +87,20 @@ def cef_extension_fields(alert: Alert) -> list[tuple[str, Any]]:
     for n, (label, value) in enumerate(custom, 1):
         if value is not None:
             pairs += [(f"cs{n}", truncate(str(value), CUSTOM_STRING_LIMIT)), (f"cs{n}Label", label)]
+    # Every CEF time field in milliseconds since the epoch, as rt: ArcSight and QRadar read that form of CEF's
+    # date fields without a format to configure (an RFC 3339 string in end= was kept as text).
+    if get(alert, "event.start"):
+        pairs.append(("start", _epoch_ms(get(alert, "event.start"))))
     if status(alert) == "resolved" and get(alert, "event.end"):
-        pairs.append(("end", get(alert, "event.end")))
+        pairs.append(("end", _epoch_ms(get(alert, "event.end"))))
     return [(k, v) for k, v in pairs if v is not None and v != ""]
+
+
+def _epoch_ms(value: Any) -> int | None:
+    try:
+        return int(parse_timestamp(str(value)) * 1000)
+    except ValueError:
+        return None  # not a time: the field is left out rather than sent as text a SIEM misreads
 
 
 def format_cef(alert: Alert) -> str:

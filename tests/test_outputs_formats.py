@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +37,29 @@ def test_cef_layout_standard_keys_and_labels():
     labels = {ext[f"cs{n}Label"]: ext[f"cs{n}"] for n in range(1, 7) if f"cs{n}" in ext}
     assert labels["dedupKey"] == a["gpusentry"]["alert"]["dedup_key"] and labels["severity"] == "critical"
     assert ext["cn1Label"] == "busyGpuSeconds" and ext["cfp1Label"] == "costUsd"
+
+
+def test_every_cef_and_leef_time_field_is_in_a_form_arcsight_and_qradar_parse():
+    """CEF's rt, start and end as milliseconds since the epoch (end= was an RFC 3339 string, kept as text by
+    ArcSight); LEEF's devTime in exactly the devTimeFormat it announces."""
+    import datetime as dt
+
+    from gpusentry.timefmt import parse_timestamp
+
+    for a in (alert(1), alert(2, status="resolved")):
+        _, ext = parse_cef(format_cef(a))
+        keys = {"rt", "start"} | ({"end"} if a["gpusentry"]["alert"]["status"] == "resolved" else set())
+        assert keys <= set(ext), keys - set(ext)
+        for key in keys:
+            assert ext[key].isdigit() and len(ext[key]) == 13, (key, ext[key])
+        assert int(ext["start"]) == int(parse_timestamp(a["event"]["start"]) * 1000)
+        if "end" in keys:
+            assert int(ext["end"]) == int(parse_timestamp(a["event"]["end"]) * 1000) >= int(ext["start"])
+        fields = parse_leef(format_leef(a))[1]
+        assert fields["devTimeFormat"] == "yyyy-MM-dd'T'HH:mm:ss.SSSX"
+        # That Java pattern, in Python: 2026-11-01T00:00:00.000Z
+        parsed = dt.datetime.strptime(fields["devTime"].replace("Z", "+0000"), "%Y-%m-%dT%H:%M:%S.%f%z")
+        assert parsed.timestamp() == pytest.approx(parse_timestamp(a["@timestamp"]), abs=0.001)
 
 
 def test_cef_severity_scale():
