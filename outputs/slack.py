@@ -26,6 +26,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from prometheus_client import Counter as PromCounter
+
 from gpusentry.contract import get
 from gpusentry.settings.outputs import SlackOutputSettings, read_secret
 from outputs.base import Alert, Clock, DeliveryError, Output, dedup_key, first, severity, status, truncate
@@ -38,6 +40,10 @@ FIELD_LIMIT = 2000
 MAX_FIELDS = 10
 FALLBACK_LIMIT = 3000
 THREADS_KEPT = 10_000
+RESOLVED_ICON = ":white_check_mark:"
+# Updates folded into an incident's next message in webhook mode (outputs.slack.update_interval_s).
+FOLDED = PromCounter("gpusentry_output_folded", "Slack webhook updates folded into the incident's next message, "
+                     "by output", ["output"])
 SEVERITY_ICON = {"low": ":large_blue_circle:", "medium": ":large_yellow_circle:", "high": ":large_orange_circle:",
                  "critical": ":red_circle:"}
 # Web API errors worth retrying; every other error is about the request or the token.
@@ -74,6 +80,7 @@ def build_message(alert: Alert) -> dict[str, Any]:
     """The Block Kit message for one alert (``text`` fallback + ``blocks``)."""
     sev, state, host, key = severity(alert), status(alert), get(alert, "host.name") or "?", dedup_key(alert)
     verb = "RESOLVED" if state == "resolved" else sev.upper()
+    icon = RESOLVED_ICON if state == "resolved" else SEVERITY_ICON[sev]  # a resolution reads as one at a glance
     title = truncate(f"{verb}: {get(alert, 'rule.name') or 'GPU/compute hijacking'} on {host}", HEADER_LIMIT)
     message = str(get(alert, "message") or "")
     cost = get(alert, "gpusentry.alert.cost") or {}
@@ -95,7 +102,7 @@ def build_message(alert: Alert) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": title, "emoji": True}},
         {"type": "section", "text": {"type": "mrkdwn",
-                                     "text": truncate(f"{SEVERITY_ICON[sev]} {escape(message)}", SECTION_TEXT_LIMIT)}},
+                                     "text": truncate(f"{icon} {escape(message)}", SECTION_TEXT_LIMIT)}},
         {"type": "section", "fields": fields[:MAX_FIELDS]},
     ]
     evidence = [e for e in get(alert, "gpusentry.alert.evidence") or [] if isinstance(e, dict)]
@@ -203,6 +210,8 @@ class SlackOutput(Output):
         super().__init__(settings, name, clock=clock)
         self.settings = settings
         self.threads = SlackThreads()
+        # webhook mode: dedup key -> when the incident's last message went out (clock.monotonic), for folding.
+        self._last_message: OrderedDict[str, float] = OrderedDict()
         self._webhook_url = read_secret(settings.webhook_url, settings.webhook_url_file, "outputs.slack.webhook_url")
         self._bot_token = read_secret(settings.bot_token, settings.bot_token_file, "outputs.slack.bot_token")
         if settings.mode == "webhook" and not self._webhook_url:
@@ -214,8 +223,29 @@ class SlackOutput(Output):
     def secrets(self) -> Iterable[str]:
         return [s for s in (self._webhook_url, self._bot_token) if s]
 
+    def _fold(self, alert: Alert) -> bool:
+        """Whether this webhook update is folded into the incident's next message (too soon after its last)."""
+        interval, last = self.settings.update_interval_s, self._last_message.get(dedup_key(alert))
+        if status(alert) == "resolved" or interval <= 0 or last is None:
+            return False  # the incident's first message and its resolution always go out
+        if self.clock.monotonic() - last < interval:
+            FOLDED.labels(self.name).inc()
+            return True
+        return False
+
+    def _sent(self, alert: Alert) -> None:
+        """Remember when the incident's message went out (only once it did: a retried update is not folded)."""
+        key = dedup_key(alert)
+        self._last_message.pop(key, None)
+        if status(alert) != "resolved":
+            self._last_message[key] = self.clock.monotonic()
+            if len(self._last_message) > THREADS_KEPT:
+                self._last_message.popitem(last=False)
+
     async def send(self, batch: Sequence[Alert]) -> None:
         for alert in batch:
+            if self.settings.mode == "webhook" and self._fold(alert):
+                continue
             message = build_message(alert)
             problems = check_blocks(message)
             if problems:
@@ -224,6 +254,7 @@ class SlackOutput(Output):
                 assert self._webhook_url is not None
                 response = await self.client.post(self._webhook_url, json=message)
                 check_response(response, "Slack webhook", self.clock)
+                self._sent(alert)
             else:
                 await self._post_in_thread(alert, message)
 

@@ -78,6 +78,72 @@ def test_slack_block_kit_and_rate_limit(receivers):
     assert "pool.example.net:3333" in str(msg["blocks"]) and alerts[0]["gpusentry"]["alert"]["dedup_key"] in msg["text"]
 
 
+def _update(opened: dict, severity: str) -> dict:
+    import copy
+
+    a = copy.deepcopy(opened)  # an update is another "open" alert of the same incident (dedup key)
+    a["gpusentry"]["alert"]["severity"] = severity
+    a["event"]["id"] = f"{a['event']['id'][:-8]}{severity[:8]:>8}"
+    return a
+
+
+def test_slack_webhook_folds_rapid_updates_of_an_incident_and_styles_its_resolution(receivers):
+    """One message per incident per update_interval_s: an update sooner than that is folded into the next
+    message (each carries the whole incident); the opening and the resolution always go out, the resolution
+    marked as one. Another incident's messages are not held back by this one's."""
+    import copy
+
+    clock = FakeClock()
+    out = SlackOutput(slack(receivers, rate_per_s=0, update_interval_s=300), clock=clock)
+    opened, other = with_network(alert(1)), with_network(alert(2))
+    key = opened["gpusentry"]["alert"]["dedup_key"]
+    resolved = copy.deepcopy(opened)
+    resolved["gpusentry"]["alert"]["status"] = "resolved"
+    resolved["event"]["id"] = resolved["event"]["id"][:-8] + "resolved"
+
+    async def go() -> None:
+        d = await Dispatcher([out], MemoryDeadLetterSink(), clock=clock, seed=5, strict=True).start()
+        try:
+            async def deliver(*alerts: dict) -> None:
+                for a in alerts:
+                    assert all(o.delivered for o in await (await d.submit(a)))
+            await deliver(opened, _update(opened, "high"), other)  # the update right after the opening: folded
+            clock.now += 301
+            await deliver(_update(opened, "critical"))  # past the interval: sent
+            clock.now += 10
+            await deliver(_update(opened, "medium"), resolved)  # folded; the resolution never is
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    texts = [m["text"] for m in receivers.received[rx.SLACK_PATH]]
+    assert len(texts) == 4, texts
+    assert key in texts[0] and other["gpusentry"]["alert"]["dedup_key"] in texts[1]
+    assert key in texts[2] and texts[2].startswith("[CRITICAL]")
+    assert key in texts[3] and texts[3].startswith("[RESOLVED]")
+    assert ":white_check_mark:" in str(receivers.received[rx.SLACK_PATH][3]["blocks"])
+    assert not receivers.violations
+
+
+def test_slack_webhook_update_that_failed_is_retried_not_folded(receivers):
+    clock = FakeClock()
+    out = SlackOutput(slack(receivers, rate_per_s=0, update_interval_s=300), clock=clock)
+    opened = with_network(alert(3))
+
+    async def go() -> None:
+        d = await Dispatcher([out], MemoryDeadLetterSink(), clock=clock, seed=5, strict=True).start()
+        try:
+            assert all(o.delivered for o in await (await d.submit(opened)))
+            clock.now += 301
+            receivers.plan(rx.SLACK_PATH, (500, {}, "server_error"))
+            assert all(o.delivered for o in await (await d.submit(_update(opened, "critical"))))
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    assert [code for path, code in receivers.requests if path == rx.SLACK_PATH] == [200, 500, 200]
+
+
 def test_slack_limits_hold_for_huge_alerts():
     big = alert(1, message="x<y>&" * 2000, host__name="h" * 300, process__command_line="a" * 5000,
                 gpusentry__alert__evidence=[{"event.id": str(i), "@timestamp": "2026-01-01T00:00:00.000Z",

@@ -149,6 +149,11 @@ class SlackOutputSettings(DeliveryPolicy):
     channel: str | None = Field(None, description="Channel id for `bot` mode.")
     api_url: str = Field("https://slack.com/api", description="Slack Web API base URL (`bot` mode).")
     broadcast_resolved: bool = Field(True, description="`bot` mode: also show the resolve reply in the channel.")
+    update_interval_s: float = Field(
+        300.0, ge=0, description="`webhook` mode: at most one message per incident per this many seconds. An update "
+        "sooner than that is folded into the incident's next message (every message carries the incident's whole "
+        "state: severity, rules, evidence, cost); its opening and its resolution always go out. 0: every update. "
+        "(`bot` mode threads updates instead.)")
 
 
 class PagerDutyOutputSettings(DeliveryPolicy):
