@@ -216,6 +216,25 @@ def replay(
         raise typer.Exit(EXIT_REJECTS)
 
 
+topics_app = typer.Typer(help="The Kafka topics gpusentry uses: create the missing ones.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+
+@topics_app.command("create")
+def topics_create(config: ConfigOption = None) -> None:
+    """Create the missing topics (kafka.partitions each; a compacted checkpoint topic, a feedback topic kept for
+    ever) and exit: what a deployment's topic job runs before the workers start."""
+    cfg = setup(config)
+    from streams.worker import TopicsMissing, ensure_topics
+
+    try:
+        partitions = ensure_topics(cfg, create=True)
+    except TopicsMissing as exc:
+        fail(str(exc))
+    typer.echo(f"topics ready at {cfg.kafka.bootstrap_servers}: {', '.join(cfg.topics.all())} and the checkpoint "
+               f"topic, {partitions} partitions each")
+
+
 pools_app = typer.Typer(help="The mining-pool list: show it, refresh it from a file or URL.", no_args_is_help=True)
 app.add_typer(pools_app, name="pools")
 

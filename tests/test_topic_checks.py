@@ -99,3 +99,37 @@ def test_no_gpusentry_client_creates_a_missing_topic_even_where_the_broker_would
 
     assert "made.by.aiokafka" in probe("plain", "made.by.aiokafka"), "aiokafka alone asks the broker to create"
     assert "never.made" not in probe("refuse", "never.made")
+
+
+def test_topics_create_makes_every_topic_with_its_configuration_and_exits(bootstrap):
+    """What a deployment's topic job runs (the Helm chart's pre-install hook): every topic at kafka.partitions,
+    the checkpoint topic compacted, the feedback topic kept for ever; a second run changes nothing."""
+    import os
+
+    from confluent_kafka.admin import ConfigResource
+
+    tag = f"create{os.getpid()}x{int(time.time() * 1000) % 100000}"
+    env = {**os.environ, "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "GPUSENTRY_KAFKA__PARTITIONS": "3",
+           "GPUSENTRY_WORKER__APP_ID": f"app-{tag}",
+           **{f"GPUSENTRY_TOPICS__{k.upper()}": f"t.{tag}.{k}"
+              for k in ("gpu", "process", "network", "dns", "alerts", "deadletter", "feedback")}}
+    env.pop("GPUSENTRY_CONFIG", None)
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-m", "gpusentry.cli", "topics", "create"], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "3 partitions each" in r.stdout
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topics = admin.list_topics(timeout=15).topics
+    for k in ("gpu", "process", "network", "dns", "alerts", "deadletter", "feedback"):
+        assert len(topics[f"t.{tag}.{k}"].partitions) == 3, k
+    ckpt = f"app-{tag}-checkpoints"
+    assert len(topics[ckpt].partitions) == 3
+    resources = [ConfigResource("topic", ckpt), ConfigResource("topic", f"t.{tag}.feedback")]
+    configs = {res.name: fut.result(30) for res, fut in admin.describe_configs(resources).items()}
+    assert configs[ckpt]["cleanup.policy"].value == "compact"
+    assert configs[f"t.{tag}.feedback"]["retention.ms"].value == "-1"
+    unreachable = {**env, "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    r = subprocess.run([sys.executable, "-m", "gpusentry.cli", "topics", "create"], env=unreachable,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "cannot reach Kafka at '127.0.0.1:1'" in r.stderr, r.stderr
