@@ -23,6 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	./scripts/test-prereqs.sh
 	$(BIN)/python -m gpusentry.apache_kafka resolve >/dev/null || echo "warning: no Apache Kafka; its suites will skip" >&2
+	./scripts/helm.sh >/dev/null || echo "warning: no helm; the chart tests will skip" >&2
 	$(MAKE) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
