@@ -34,3 +34,24 @@ def test_the_detector_guide_shows_the_detector_as_it_is():
     from detectors.engine import discover
 
     assert "process.gpu_tuning" in {cls.id for cls in discover()}
+
+
+def test_the_detector_catalogue_and_its_runbooks_are_current_and_complete():
+    """docs/catalogue.md is written from every detector's metadata and docs/runbooks.toml: a new detector, or a kind
+    of evidence without a runbook (what it means, how to confirm, how to contain), makes it stale or unwritable."""
+    import subprocess
+    import sys
+    import tomllib
+
+    from detectors.base import Signal
+    from detectors.engine import discover
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "scripts" / "detector_catalogue.py"), "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = (root / "docs" / "catalogue.md").read_text()
+    assert all(f"| `{d.id}` |" in text for d in discover())
+    books = {b["signal"]: b for b in tomllib.loads((root / "docs" / "runbooks.toml").read_text())["runbook"]}
+    assert set(books) == {v for k, v in vars(Signal).items() if k.isupper()}
+    assert all(b["confirm"] and b["contain"] for b in books.values())
