@@ -77,6 +77,7 @@ class Agent:
         self.cycles = 0
         self._metrics_server: Any = None
         self._stop = threading.Event()
+        self._started_at: float | None = None  # when announce("started") ran (the agent's own process start)
 
     def _build_collectors(self, nvml: ModuleType | None) -> list[Collector]:
         s = self.settings
@@ -185,6 +186,37 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
+    def announce(self, lifecycle: str, stop_signal: str | None = None) -> None:
+        """Publish the agent's own process event: ``started``, or ``stopping`` as its last event when a signal
+        stops it. A worker that sees an agent stop, restart without having stopped, or fall silent raises an
+        incident (agent.tampered, agent.silent): stopping the agent is also a hijacker's first move."""
+        import getpass
+        import os
+        import sys
+
+        from gpusentry.contract import process_event, set_path
+
+        now = self.clock()
+        try:
+            name = open("/proc/self/comm", encoding="utf-8").read().strip() or "gpusentry"  # noqa: SIM115
+        except OSError:
+            name = "gpusentry"
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = None
+        event = process_event(self.host_name, now, action="start" if lifecycle == "started" else "end",
+                              pid=os.getpid(), name=name, executable=sys.executable,
+                              command_line=" ".join(sys.argv), args=list(sys.argv), start=self._started_at or now,
+                              parent_pid=os.getppid(), user_name=user)
+        set_path(event, "gpusentry.agent.lifecycle", lifecycle)
+        if stop_signal is not None:
+            set_path(event, "gpusentry.agent.stop_signal", stop_signal)
+        if lifecycle == "started":
+            self._started_at = now
+        for sink in self.sinks:
+            sink.write(self.host_name, {Dataset.PROCESS.value: [event]})
+
     def close(self, timeout: float = 10.0) -> None:
         for c in self.collectors:
             c.close()
@@ -205,15 +237,25 @@ def run_agent(cfg: Config, outputs: list[str] | None = None, cycles: int | None 
 
     agent = Agent(cfg, outputs=outputs)
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    stopped_by: list[str] = []
+
+    def on_sigterm(*_: Any) -> None:
+        stopped_by.append("SIGTERM")
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     code = 0
     try:
         agent.start()
+        agent.announce("started")  # `gpusentry agent` says when it starts and, below, when a signal stops it
         agent.run(cycles)
     except KeyboardInterrupt:
         log.info("interrupted; flushing")
+        stopped_by.append("SIGINT")
         code = 130
     finally:
+        if stopped_by:
+            agent.announce("stopping", stopped_by[0])  # the last event: sent before the sinks flush and close
         agent.close()
         signal.signal(signal.SIGTERM, previous)
     return code

@@ -280,6 +280,10 @@ DATASET_FIELDS: dict[Dataset, tuple[FieldSpec, ...]] = {
         _o("orchestrator.resource.id", _STR, "Its pod's UID or its Slurm job id (or SLUID)."),
         _o("gpusentry.owner.step", _STR, "Its Slurm step (`0`, `batch`, `extern`, ...)."),
         _o("process.hash.sha256", _STR, "SHA-256 of the executable (optional)."),
+        _o("gpusentry.agent.lifecycle", _STR, "On the agent's own process event: `started` when it starts, "
+           "`stopping` as its last event when a signal stops it (absent on every other process event).",
+           choices=["started", "stopping"]),
+        _o("gpusentry.agent.stop_signal", _STR, "With `stopping`: the signal that stopped it (`SIGTERM`, `SIGINT`)."),
     ),
     Dataset.NETWORK: (
         _f("source.ip", _STR, "Local address."),

@@ -208,3 +208,32 @@ def test_a_refreshed_knowledge_file_is_checked_installed_atomically_and_read_by_
     assert f"at {kdir / 'miners.toml'}" in r.stdout and [p.name for p in kdir.iterdir()] == ["miners.toml"]
     assert "installed" in cli("knowledge", "list").stdout.splitlines()[0]
     assert severities(), "a replay reads the installed file"
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 0), ("SIGINT", 130)])
+def test_the_agent_says_when_it_starts_and_sends_a_last_event_when_a_signal_stops_it(tmp_path, sig, code):
+    """Its own process event first (`started`) and last (`stopping` with the signal): a worker turns a stopped,
+    restarted or silent agent into an incident (agent.tampered, agent.silent), and replay sees the same."""
+    import os
+    import signal
+    import time as _time
+
+    out = tmp_path / "events.jsonl"
+    p = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "agent", "--output", f"jsonl:{out}", "--interval",
+                          "0.5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")})
+    deadline = _time.monotonic() + 30
+    seen = b""
+    while b"every 0.5 s" not in seen and _time.monotonic() < deadline:
+        seen += p.stderr.readline()
+    _time.sleep(1.2)  # a couple of cycles
+    p.send_signal(getattr(signal, sig))
+    assert p.wait(30) == code, seen
+    events = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    own = [e for e in events if (e.get("gpusentry") or {}).get("agent")]
+    assert [e["gpusentry"]["agent"]["lifecycle"] for e in own] == ["started", "stopping"]
+    assert own[-1]["gpusentry"]["agent"]["stop_signal"] == sig and own[-1]["event"]["type"] == ["end"]
+    assert own[-1] == events[-1], "the stop is the agent's last event"
+    assert all(e["process"]["pid"] == p.pid for e in own)
+    for e in own:
+        c.validate_or_raise(e)

@@ -51,6 +51,10 @@ class DetectionSettings(Section):
         86400.0, ge=0, description="An incident that opens on a host within this many seconds (event time) of "
         "its last resolved one continues it: same dedup key, the next `gpusentry.alert.episode` (0: never).")
     max_evidence: int = Field(50, ge=1, le=1000, description="Evidence entries kept per incident (first and latest).")
+    agent_silent_after_s: float = Field(
+        120.0, ge=10, description="A GPU host whose agent sends no GPU sample for this long (event time, or ten of "
+        "its sampling intervals if that is longer) was silent: `agent.silent` says so when it is heard from again. "
+        "Live silence that never ends is Prometheus's to see (GpusentryAgentDown, docs/monitoring.md).")
     knowledge_dir: Path | None = Field(
         None, description="A directory of knowledge files (miners.toml, miner_options.toml, tunnels.toml, ...; "
         "`gpusentry knowledge list` names them) that replace the shipped ones of the same name; `gpusentry "

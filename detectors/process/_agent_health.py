@@ -1,0 +1,24 @@
+"""What the agent-health detectors read: when a GPU counts as busy, lost GPUs, and the agent's lifecycle events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpusentry.contract import Dataset
+
+# A GPU at this utilisation or more is doing work: an agent that stops or goes quiet then leaves it unwatched.
+BUSY_PCT = 20.0
+# GPU work this recent (event time) makes the agent's disappearance high rather than medium.
+BUSY_WINDOW_S = 600.0
+
+
+def gpu_lost(event: dict[str, Any]) -> bool:
+    return ((event.get("gpusentry") or {}).get("gpu") or {}).get("status") == "lost"
+
+
+def lifecycle(event: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(``started`` / ``stopping`` / None, the stop signal) of an agent's own process event."""
+    if event["event"]["dataset"] != Dataset.PROCESS.value:
+        return None, None
+    agent = (event.get("gpusentry") or {}).get("agent") or {}
+    return agent.get("lifecycle"), agent.get("stop_signal")
