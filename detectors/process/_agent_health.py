@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from detectors.base import Detector, Signal
+from detectors.gpu._window import read_sample
 from gpusentry.contract import Dataset
 
 # A GPU at this utilisation or more is doing work: an agent that stops or goes quiet then leaves it unwatched.
@@ -22,3 +24,16 @@ def lifecycle(event: dict[str, Any]) -> tuple[str | None, str | None]:
         return None, None
     agent = (event.get("gpusentry") or {}).get("agent") or {}
     return agent.get("lifecycle"), agent.get("stop_signal")
+
+
+class AgentHealthDetector(Detector):
+    """What agent.silent and agent.tampered share: they read the agent's own events and every GPU sample (through
+    the GPU detectors' parse, done once per sample for all), and a monitor switched off is tampering."""
+
+    abstract = True
+    severity = "medium"
+    technique = "T1496"
+    references = ("https://attack.mitre.org/techniques/T1562/001/", "https://attack.mitre.org/techniques/T1496/")
+    datasets = frozenset({Dataset.PROCESS, Dataset.GPU})
+    signal = Signal.TAMPERING
+    parses = {Dataset.GPU.value: read_sample}

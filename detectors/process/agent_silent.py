@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding
 from detectors.examples import gpu, proc
 from detectors.gpu._window import Sample, read_sample
-from detectors.process._agent_health import BUSY_PCT, BUSY_WINDOW_S, lifecycle
+from detectors.process._agent_health import BUSY_PCT, BUSY_WINDOW_S, AgentHealthDetector, lifecycle
 from gpusentry.contract import Dataset, event_time
 
 # Gaps shorter than this are the host's sampling cadence (several GPUs share one timestamp: gap 0).
@@ -25,7 +25,7 @@ class SilenceState:
     other_events: int = 0  # non-GPU events since the latest GPU sample
 
 
-class AgentSilent(Detector):
+class AgentSilent(AgentHealthDetector):
     id = "agent.silent"
     title = "gpusentry agent fell silent on a GPU host"
     description = ("A host that sends GPU samples every few seconds sent none for longer than "
@@ -34,13 +34,6 @@ class AgentSilent(Detector):
                    "process and network events went on). Reported when the host is heard from again: medium, high "
                    "when its GPUs were busy just before. A silence that never ends is the monitoring's to see "
                    "(the GpusentryAgentDown alert).")
-    severity = "medium"
-    technique = "T1496"
-    references = ("https://attack.mitre.org/techniques/T1562/001/", "https://attack.mitre.org/techniques/T1496/")
-    datasets = frozenset({Dataset.PROCESS, Dataset.GPU})
-    signal = Signal.TAMPERING
-    parses = {Dataset.GPU.value: read_sample}  # the GPU detectors' parse, done once per sample for all
-
     examples: ClassVar[list[Example]] = [
         Example("busy GPU host silent for ten minutes", True,
                 [gpu(t, util=95) for t in range(0, 60, 5)] + [gpu(660, util=95)]),

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from detectors.base import Detector, Example, Finding, Signal
+from detectors.base import Example, Finding
 from detectors.examples import gpu, proc
 from detectors.gpu._window import Sample, read_sample
-from detectors.process._agent_health import BUSY_PCT, BUSY_WINDOW_S, gpu_lost, lifecycle
+from detectors.process._agent_health import BUSY_PCT, BUSY_WINDOW_S, AgentHealthDetector, gpu_lost, lifecycle
 from gpusentry import contract as c
 from gpusentry.contract import Dataset, event_time
 
@@ -37,7 +37,7 @@ class AgentState:
     lost: set[str] = field(default_factory=set)  # GPUs reported lost (said once until they answer again)
 
 
-class AgentTampered(Detector):
+class AgentTampered(AgentHealthDetector):
     id = "agent.tampered"
     title = "gpusentry agent stopped, restarted unexpectedly or lost a GPU"
     description = ("The host's agent sent its last event because a signal stopped it, started again without "
@@ -45,13 +45,6 @@ class AgentTampered(Detector):
                    "answering NVML. Stopping the monitor is what a hijacker does first: medium alone, high when "
                    "the host's GPUs were busy in the last 10 minutes; beside other evidence it raises the "
                    "incident.")
-    severity = "medium"
-    technique = "T1496"
-    references = ("https://attack.mitre.org/techniques/T1562/001/", "https://attack.mitre.org/techniques/T1496/")
-    datasets = frozenset({Dataset.PROCESS, Dataset.GPU})
-    signal = Signal.TAMPERING
-    parses = {Dataset.GPU.value: read_sample}  # the GPU detectors' parse, done once per sample for all
-
     examples: ClassVar[list[Example]] = [
         Example("agent stopped by SIGTERM", True, [_agent(0, "started"), _agent(60, "stopping", "SIGTERM")]),
         Example("agent started again without having stopped (killed)", True,
