@@ -191,7 +191,8 @@ def test_wrapper_and_container_parsing_never_raise_on_hostile_command_lines():
 
 @pytest.mark.parametrize(("old", "new", "message"), [
     ('names = ["ethproxy+tcp"', 'names = ["ethproxy+tcp://"', r"\[\[scheme\]\] 'ethproxy': 'ethproxy\+tcp://' is not a URL scheme"),
-    ('role = "weak"', 'role = "feeble"', r"\[\[option\]\] 'shared': role 'feeble' is not one of pool, user"),
+    ('id = "shared"\nrole = "weak"', 'id = "shared"\nrole = "feeble"',
+     r"\[\[option\]\] 'shared': role 'feeble' is not one of pool, user"),
     ('names = ["--farm-recheck"', 'names = ["farm-recheck"', r"'ethminer': 'farm-recheck' is not an option as typed"),
     ('pattern = "0x[0-9a-fA-F]{40}"', 'pattern = "0x[0-9a-f"', r"\[\[wallet\]\] 'ethereum': `pattern` is not a regular"),
     ('pattern = "0x[0-9a-fA-F]{40}"', 'pattern = "(0x)?"', r"'ethereum': `pattern` matches the empty string"),

@@ -21,6 +21,8 @@ MINING_ALGOS = OPTIONS.algorithms
 MINER_ONLY_OPTIONS = OPTIONS.options["miner_only"]  # each alone says "miner"
 WEAK_OPTIONS = OPTIONS.options["weak"]  # only beside other evidence
 WALLET = OPTIONS.wallet
+# Rigel numbers the pools and users of a multi-algorithm launch: -o [1]stratum+tcp://... -u [1]WALLET.
+_SLOT = re.compile(r"^\[\d{1,2}\]")
 # Interpreters running a module that only fetches or inspects packages (``python -m pip download xmrig``).
 _PACKAGE_MODULES = frozenset({"pip", "pipx", "ensurepip", "venv", "uv"})
 
@@ -57,6 +59,8 @@ def miner_evidence(args: list[str]) -> tuple[list[str], list[str], list[str]]:
     if not args or is_text_tool(args) or _is_package_tool(args):
         return strong, medium, weak
     for opt, value in _options(args[1:]):
+        if value is not None and value.startswith("["):
+            value = _SLOT.sub("", value)
         if value is not None and POOL_URL.match(value):
             reason = f"pool URL {(redact(value) or '')[:80]}"
             if reason not in strong:
@@ -64,7 +68,8 @@ def miner_evidence(args: list[str]) -> tuple[list[str], list[str], list[str]]:
             continue
         if opt in MINER_ONLY_OPTIONS:
             strong.append(f"miner option {opt}")
-        elif opt in ALGO_OPTIONS and value and value.lower() in MINING_ALGOS:
+        elif opt in ALGO_OPTIONS and value and (value.lower() in MINING_ALGOS or (
+                "+" in value and all(part in MINING_ALGOS for part in value.lower().split("+")))):  # dual mining
             medium.append(f"mining algorithm {opt} {value}")
         elif opt in USER_OPTIONS and value and WALLET.match(value):
             medium.append(f"wallet-like {opt} {value[:12]}...")
