@@ -36,6 +36,10 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/gpusentry config docs --out docs/config.md
+	$(BIN)/python scripts/detector_catalogue.py
+	$(BIN)/python scripts/readme_images.py
+	$(BIN)/python scripts/grafana_dashboard.py
+	./scripts/render-manifests.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

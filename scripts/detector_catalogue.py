@@ -45,7 +45,7 @@ def render() -> str:
         "",
         "Written by `python scripts/detector_catalogue.py` from each detector's own metadata and `docs/runbooks.toml`;",
         "`tests/test_docs.py` keeps it current. An incident's `gpusentry.alert.signals` names the kinds of evidence it",
-        "holds: read the runbook of each. How the kinds combine into a severity is in the README (Incidents).",
+        "holds: read the runbook of each. How the kinds combine into a severity is in reference.md (Incidents).",
         "",
         f"{len(detectors)} detectors, {len(signals)} kinds of evidence.",
         "",

@@ -164,7 +164,7 @@ def test_the_html_report_renders_in_a_real_browser(tmp_path):
     assert len(colours) > 50, "the page rendered (charts and text), not a blank screen"
     dark = sum(n for n, v in colours if v < 128)
     assert dark > 0.005 * 1400 * 1800, "text and chart bars are visible"
-    if os.environ.get("GPUSENTRY_REPORT_SCREENSHOT"):  # `make docs` refreshes the README's picture this way
+    if os.environ.get("GPUSENTRY_REPORT_SCREENSHOT"):  # the report picture in docs/reference.md is refreshed this way
         shutil.copy(shot, os.environ["GPUSENTRY_REPORT_SCREENSHOT"])
 
 
