@@ -30,8 +30,18 @@ def cluster(own_kafka):
 
 
 def leader_of(bootstrap: str, topic: str) -> int:
-    md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
-    return md.topics[topic].partitions[0].leader
+    """The partition's leader. Right after a topic is created, a broker's metadata may not list its partition yet
+    (the controller answered; the others learn it a moment later): asked again until it does, 30 s at most."""
+    import time
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + 30
+    while True:
+        partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
+        if 0 in partitions and partitions[0].leader >= 0:
+            return partitions[0].leader
+        assert time.monotonic() < deadline, f"no leader for {topic} partition 0 after 30 s: {partitions}"
+        time.sleep(0.2)
 
 
 def test_a_leader_change_loses_and_doubles_nothing_between_agent_and_worker(cluster, tmp_path):
