@@ -60,6 +60,16 @@ def architecture_svg() -> str:
     return console.export_svg(title="gpusentry: agent → Kafka → workers → outputs", unique_id="gpusentry-arch")
 
 
+class _NoNvml:
+    """NVML as a machine without the NVIDIA driver answers (the picture shows `up --demo` on such a machine)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self) -> None:  # noqa: N802 - NVML's name
+        raise self.NVMLError("Driver Not Loaded")
+
+
 def up_demo_svg() -> str:
     from rich.console import Console
 
@@ -95,8 +105,9 @@ def up_demo_svg() -> str:
 
     demo = DemoState()
     demo.sent = sent
-    screen = up._screen(view, "embedded Tansu on 127.0.0.1:9092", children, demo,  # type: ignore[arg-type]
-                        Path("~/.local/share/gpusentry/incidents.jsonl"), Path("/tmp/gpusentry-up-logs"))
+    screen = up._screen(view, up.embedded_broker_note("127.0.0.1:9092"), children, demo,  # type: ignore[arg-type]
+                        Path("~/.local/share/gpusentry/incidents.jsonl"), Path("/tmp/gpusentry-up-logs"),
+                        up.gpu_note(_NoNvml(), demo=True))
     console = Console(record=True, width=150, file=open("/dev/null", "w"), force_terminal=True, color_system="truecolor")  # noqa: SIM115
     console.print(screen)
     return console.export_svg(title="gpusentry up --demo", unique_id="gpusentry-up")

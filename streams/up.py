@@ -224,8 +224,7 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
             console.print("starting the embedded broker ...")
             broker = EmbeddedBroker(log_path=logs / "broker.log").start()
             bootstrap = broker.bootstrap_servers
-            broker_note = (f"embedded broker on {bootstrap} (in memory: topics, alerts and checkpoints are gone "
-                           f"when `up` stops; the incidents file is kept)")
+            broker_note = embedded_broker_note(bootstrap)
         create_topics(bootstrap, cfg.topics.all(), partitions=cfg.kafka.partitions,
                       client_config={k: v for k, v in cfg.kafka.confluent_config().items()
                                      if k != "bootstrap.servers"})
@@ -250,13 +249,14 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
             demo_thread = Demo(cfg, bootstrap, scenario)
             demo_thread.start()
         view = IncidentView()
+        gpus = gpu_note(demo=demo) if "gpu" in cfg.agent.collectors else None
         consumer = _alerts_consumer(cfg, bootstrap)
         live_terminal = console.is_terminal
         with incidents_path.open("ab") as incidents_file, Live(console=console, auto_refresh=False,
                                                                transient=False) if live_terminal else _NoLive() as live:
             if not live_terminal:
-                console.print(f"{broker_note}\nincidents file: {incidents_path}\nlogs: {logs}", highlight=False,
-                              markup=False)
+                console.print(f"{broker_note}\n" + (f"gpu: {gpus}\n" if gpus else "")
+                              + f"incidents file: {incidents_path}\nlogs: {logs}", highlight=False, markup=False)
             try:
                 for tick in itertools.count():
                     msg = consumer.poll(0.25)
@@ -273,7 +273,7 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
                                 console.print(f"incident {status} {sev} on {host}: {message}", highlight=False,
                                               markup=False)
                     if live_terminal and (msg is not None or tick % 4 == 0):
-                        live.update(_screen(view, broker_note, children, demo_thread, incidents_path, logs),
+                        live.update(_screen(view, broker_note, children, demo_thread, incidents_path, logs, gpus),
                                     refresh=True)
                     if children[0].proc is not None and children[0].proc.poll() not in (None, 0):
                         console.print(Text(f"the worker stopped ({children[0].status()})", style="red"))
@@ -316,10 +316,41 @@ class _NoLive:
         return None
 
 
+def embedded_broker_note(bootstrap: str) -> str:
+    return (f"embedded broker on {bootstrap} (in memory: topics, alerts and checkpoints are gone when `up` stops; "
+            "the incidents file is kept)")
+
+
+def gpu_note(nvml: Any = None, *, demo: bool) -> str | None:
+    """What the view says when this machine has no NVIDIA GPU to watch (None when it has one)."""
+    try:
+        if nvml is None:
+            from agents.gpu import load_nvml
+
+            nvml = load_nvml()
+            if nvml is None:
+                raise ModuleNotFoundError("the pynvml module (nvidia-ml-py) is not installed")
+        nvml.nvmlInit()
+        try:
+            count = int(nvml.nvmlDeviceGetCount())
+        finally:
+            nvml.nvmlShutdown()
+        why = None if count else "NVML answers but finds no device"
+    except Exception as exc:  # noqa: BLE001 - any NVML failure means the same thing here, and is named
+        why = f"NVML: {type(exc).__name__}: {exc}"
+    if why is None:
+        return None
+    if demo:
+        return f"no NVIDIA GPU on this machine ({why}); the demo's simulated GPU host stands in"
+    return (f"no NVIDIA GPU on this machine ({why}): the agent watches processes and flows only; "
+            "`gpusentry up --demo` adds a simulated GPU host with a hijack")
+
+
 def _screen(view: IncidentView, broker_note: str, children: list[Child], demo: Demo | None, incidents: Path,
-            logs: Path) -> Group:
+            logs: Path, gpus: str | None = None) -> Group:
     # Labels are ours; the values (broker address, log paths, child status) are shown as plain text.
-    lines = [("broker", broker_note)] + [(child.name, child.status()) for child in children]
+    lines = [("broker", broker_note)] + ([("gpu", gpus)] if gpus else [])
+    lines += [(child.name, child.status()) for child in children]
     if demo is not None:
         state = demo.error or ("running" if demo.is_alive() else "done")
         lines.append(("demo", f"simulated scenario {demo.scenario} on {DEMO_HOST}: {demo.sent} events, {state}"))

@@ -179,3 +179,32 @@ def test_no_child_outlives_a_killed_up(tmp_path):
         for child in children:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+
+
+def test_up_says_when_there_is_no_gpu_and_points_at_the_demo():
+    from rich.console import Console
+
+    from streams import up
+
+    class NoDriver:
+        def nvmlInit(self):
+            raise RuntimeError("Driver Not Loaded")
+
+    class OneGpu:
+        def nvmlInit(self):
+            pass
+
+        def nvmlDeviceGetCount(self):
+            return 1
+
+        def nvmlShutdown(self):
+            pass
+
+    assert up.gpu_note(OneGpu(), demo=False) is None
+    note = up.gpu_note(NoDriver(), demo=False)
+    assert "no NVIDIA GPU on this machine (NVML: RuntimeError: Driver Not Loaded)" in note and "--demo" in note
+    assert "simulated GPU host stands in" in up.gpu_note(NoDriver(), demo=True)
+    console = Console(record=True, width=200)
+    console.print(up._screen(up.IncidentView(), up.embedded_broker_note("127.0.0.1:1"), [], None, Path("i.jsonl"),
+                             Path("logs"), note))
+    assert "gpu  no NVIDIA GPU on this machine" in console.export_text()
