@@ -38,12 +38,13 @@ class EcsJsonFormatter(logging.Formatter):
 class RepeatFilter(logging.Filter):
     """Say a Kafka client's complaint once per ``window_s``, not once per retry.
 
-    While a broker is away, aiokafka logs every failed connect, metadata update, fetch and heartbeat: hundreds of
+    While a broker is away, aiokafka (and librdkafka, whose lines confluent-kafka hands to the `librdkafka` logger
+    instead of printing them) logs every failed connect, metadata update, fetch and heartbeat: hundreds of
     ERROR lines a minute that bury the one line that matters.  A record of a client logger whose message template
     was already shown in the last ``window_s`` is counted instead; the next one shown after the window says how
     many were held back.  Other loggers, and the clients' INFO lines, pass untouched."""
 
-    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka",), window_s: float = 60.0) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "librdkafka"), window_s: float = 60.0) -> None:
         super().__init__()
         self.prefixes = prefixes
         self.window_s = window_s
@@ -52,7 +53,11 @@ class RepeatFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or not record.name.startswith(self.prefixes):
             return True  # the clients' INFO lines (joins, assignments) are the story of a rebalance: keep them
-        key = (record.name, record.levelno, str(record.msg))
+        # librdkafka (through confluent-kafka's `logger` setting) logs every line with one template, "%s [%s] %s":
+        # its facility (FAIL, REQTMOUT, ...) is what tells one complaint from another.
+        facility = str(record.args[0]) if record.name == "librdkafka" and isinstance(record.args, tuple) \
+            and record.args else ""
+        key = (record.name, record.levelno, str(record.msg) + facility)
         shown = self._shown.get(key)
         if shown is not None and record.created - shown[0] < self.window_s:
             self._shown[key] = (shown[0], shown[1] + 1)

@@ -237,3 +237,24 @@ def test_the_agent_says_when_it_starts_and_sends_a_last_event_when_a_signal_stop
     assert all(e["process"]["pid"] == p.pid for e in own)
     for e in own:
         c.validate_or_raise(e)
+
+
+def test_an_unreachable_broker_is_one_line_per_complaint_not_a_librdkafka_flood(tmp_path):
+    """The agent's librdkafka producer used to print `%3|...|FAIL|...` to stderr on every retry while Kafka was
+    unreachable; its lines now go through logging and each complaint is said once a minute."""
+    import os
+    import signal
+    import time as _time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")}
+    env["GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS"] = "127.0.0.1:1"
+    env["GPUSENTRY_AGENT__SPOOL_DIR"] = str(tmp_path / "spool")
+    p = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "agent", "--output", "kafka", "--interval", "0.2"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    _time.sleep(8)  # dozens of failed connects
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    text = err.decode()
+    assert "%3|" not in text and "|FAIL|" not in text, "librdkafka printed to stderr itself"
+    fails = [line for line in text.splitlines() if "librdkafka" in line and "FAIL" in line]
+    assert 1 <= len(fails) <= 2, text[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -45,7 +46,10 @@ class KafkaSettings(Section):
     def confluent_config(self) -> dict[str, Any]:
         """librdkafka settings (confluent-kafka producers, consumers and admin clients)."""
         conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, "client.id": self.client_id,
-                                "security.protocol": self.security_protocol}
+                                "security.protocol": self.security_protocol,
+                                # librdkafka's lines through Python logging (rate-limited by gpusentry.logs)
+                                # instead of straight to stderr, where a broker away printed one per retry.
+                                "logger": logging.getLogger("librdkafka")}
         if self.sasl_mechanism:
             conf["sasl.mechanism"] = self.sasl_mechanism
             conf["sasl.username"] = self.sasl_username
