@@ -333,13 +333,11 @@ def test_broker_calls_wait_for_a_restarting_broker_and_say_so_once(caplog):
         run(until_answered("end offsets", broken, sleep=fake_sleep))
 
 
-def test_held_messages_meet_the_engine_in_event_time_order_whichever_topic_came_first():
-    """A worker catching up a backlog may be handed one topic's messages long before another's. Out of order, the
-    host's process events would arrive far behind its GPU samples and count as late: the second episode of the
-    incident would never open. Held and merged by event time, the worker decides what replay decides."""
+def two_topic_backlog(host: str) -> tuple[list[bytes], list[bytes], list[str]]:
+    """160 ten-second steps of one host's GPU samples and process starts (a miner at steps 5 and 90), as the two
+    topics' messages, and the alert ids replay's order (each step's GPU message, then its process one) produces."""
     from tests.streams_helpers import gpu_batch
 
-    host = "gpu-node-3"
     gpu_msgs, proc_msgs = [], []
     for k in range(160):
         t = T0 + 10 * k
@@ -354,6 +352,15 @@ def test_held_messages_meet_the_engine_in_event_time_order_whichever_topic_came_
         for v in (g, pr):
             for ev in orjson.loads(v):
                 expected += [a["event"]["id"] for a in engine.process(c.validate_or_raise(ev))]
+    return gpu_msgs, proc_msgs, expected
+
+
+def test_held_messages_meet_the_engine_in_event_time_order_whichever_topic_came_first():
+    """A worker catching up a backlog may be handed one topic's messages long before another's. Out of order, the
+    host's process events would arrive far behind its GPU samples and count as late: the second episode of the
+    incident would never open. Held and merged by event time, the worker decides what replay decides."""
+    host = "gpu-node-3"
+    gpu_msgs, proc_msgs, expected = two_topic_backlog(host)
 
     async def go(hold: float) -> list[str]:
         io = FakeIO()
@@ -381,23 +388,8 @@ def test_a_topic_whose_fetches_stall_past_the_hold_is_waited_for_while_the_broke
     loaded machine). The broker's end offsets show the stalled topic's records are there: the other topic's held
     messages wait for them, and the incidents are replay's. A broker that says nothing more is there (or does not
     answer) gets the plain hold, and the GPU samples run ahead: the comparison that shows the wait matters."""
-    from tests.streams_helpers import gpu_batch
-
     host = "gpu-node-7"
-    gpu_msgs, proc_msgs = [], []
-    for k in range(160):
-        t = T0 + 10 * k
-        batch = [benign_start(host, t, pid=10_000 + k)]
-        if k in (5, 90):
-            batch.append(miner_start(host, t + 1, pid=31_000 + k))
-        gpu_msgs.append(msg(gpu_batch(host, t)))
-        proc_msgs.append(msg(batch))
-    engine = Engine()
-    expected = []
-    for g, pr in zip(gpu_msgs, proc_msgs, strict=True):
-        for v in (g, pr):
-            for ev in orjson.loads(v):
-                expected += [a["event"]["id"] for a in engine.process(c.validate_or_raise(ev))]
+    gpu_msgs, proc_msgs, expected = two_topic_backlog(host)
     hold, cut = 0.3, 40
 
     async def go(ends: str) -> tuple[list[str], FakeIO, float]:
