@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -198,7 +199,7 @@ class Agent:
 
         now = self.clock()
         try:
-            name = open("/proc/self/comm", encoding="utf-8").read().strip() or "gpusentry"  # noqa: SIM115
+            name = Path("/proc/self/comm").read_text(encoding="utf-8").strip() or "gpusentry"
         except OSError:
             name = "gpusentry"
         try:

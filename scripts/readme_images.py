@@ -12,6 +12,7 @@ and fixed child states, so it is reproducible; ``--check`` exits 1 when either f
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def architecture_svg() -> str:
         if i < len(FLOWS):
             cells.append(Text(FLOWS[i], style="bold yellow"))
     grid.add_row(*cells)
-    console = Console(record=True, width=170, file=open("/dev/null", "w"), force_terminal=True, color_system="truecolor")  # noqa: SIM115
+    console = Console(record=True, width=170, file=io.StringIO(), force_terminal=True,
+                      color_system="truecolor")
     console.print(grid)
     console.print(Text("  gpusentry replay / report run the same detectors over files; `gpusentry up` runs all of it on "
                        "one machine with an embedded broker.", style="dim"))
@@ -108,7 +110,8 @@ def up_demo_svg() -> str:
     screen = up._screen(view, up.embedded_broker_note("127.0.0.1:9092"), children, demo,  # type: ignore[arg-type]
                         Path("~/.local/share/gpusentry/incidents.jsonl"), Path("/tmp/gpusentry-up-logs"),
                         up.gpu_note(_NoNvml(), demo=True))
-    console = Console(record=True, width=150, file=open("/dev/null", "w"), force_terminal=True, color_system="truecolor")  # noqa: SIM115
+    console = Console(record=True, width=150, file=io.StringIO(), force_terminal=True,
+                      color_system="truecolor")
     console.print(screen)
     return console.export_svg(title="gpusentry up --demo", unique_id="gpusentry-up")
 
