@@ -158,6 +158,7 @@ class Agent:
             for ev in events:
                 batches[ev["event"]["dataset"]].append(ev)
         batches = {k: v for k, v in batches.items() if v}
+        self._check_spool()
         for sink in self.sinks:
             if batches:
                 sink.write(self.host_name, batches)
@@ -166,6 +167,26 @@ class Agent:
         self.cycles += 1
         self.metrics.cycle_seconds.set(time.monotonic() - started)
         return sum(len(v) for v in batches.values())
+
+    def _check_spool(self) -> None:
+        """A spool removed behind the agent's back is reported as the agent's own event (agent.tampered): it held
+        the events not yet sent, which is what someone covering their tracks deletes."""
+        sink = self.kafka_sink()
+        if sink is None:
+            return
+        try:
+            removal = sink.check_spool()
+        except OSError:
+            # Counted and logged; the check runs again next cycle.
+            self.metrics.spool_errors.inc()
+            log.exception("the spool in %s could not be made again; check that agent.spool_dir is writable",
+                          self.settings.spool_dir)
+            if self.strict:
+                raise
+            return
+        if removal is not None:
+            self.announce("spool_removed", fields={"gpusentry.agent.spool_problem": removal.problem,
+                                                   "gpusentry.agent.spool_removed_messages": removal.removed_messages})
 
     def run(self, cycles: int | None = None) -> None:
         """Cycle every ``interval_s`` (on a fixed grid, so a slow cycle does not shift the next ones)."""
@@ -187,10 +208,11 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
-    def announce(self, lifecycle: str, stop_signal: str | None = None) -> None:
-        """Publish the agent's own process event: ``started``, or ``stopping`` as its last event when a signal
-        stops it. A worker that sees an agent stop, restart without having stopped, or fall silent raises an
-        incident (agent.tampered, agent.silent): stopping the agent is also a hijacker's first move."""
+    def announce(self, lifecycle: str, stop_signal: str | None = None, fields: dict[str, Any] | None = None) -> None:
+        """Publish the agent's own process event: ``started``; ``spool_removed`` when its spool's files were
+        removed while it ran; ``stopping`` as its last event when a signal stops it. A worker that sees an agent
+        stop, restart without having stopped, lose its spool or fall silent raises an incident (agent.tampered,
+        agent.silent): switching the monitor off is also a hijacker's first move."""
         import getpass
         import os
         import sys
@@ -206,15 +228,20 @@ class Agent:
             user = getpass.getuser()
         except (KeyError, OSError):
             user = None
-        event = process_event(self.host_name, now, action="start" if lifecycle == "started" else "end",
+        event = process_event(self.host_name, now, action="end" if lifecycle == "stopping" else "start",
                               pid=os.getpid(), name=name, executable=sys.executable,
                               command_line=" ".join(sys.argv), args=list(sys.argv), start=self._started_at or now,
                               parent_pid=os.getppid(), user_name=user)
         set_path(event, "gpusentry.agent.lifecycle", lifecycle)
         if stop_signal is not None:
             set_path(event, "gpusentry.agent.stop_signal", stop_signal)
+        for path, value in (fields or {}).items():
+            set_path(event, path, value)
         if lifecycle == "started":
             self._started_at = now
+            kafka = self.kafka_sink()
+            if kafka is not None:
+                set_path(event, "gpusentry.agent.spool_new", kafka.spool.created)
         for sink in self.sinks:
             sink.write(self.host_name, {Dataset.PROCESS.value: [event]})
 

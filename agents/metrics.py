@@ -41,6 +41,12 @@ class AgentMetrics:
         self.spool_messages = Gauge("gpusentry_agent_spool_messages", "Messages waiting in the spool.",
                                     registry=r)
         self.spool_bytes = Gauge("gpusentry_agent_spool_bytes", "Bytes on disk in the spool.", registry=r)
+        self.spool_removals = Counter("gpusentry_agent_spool_removals",
+                                      "Times the agent found its spool's files removed behind its back (reported "
+                                      "as an agent event: agent.tampered).", registry=r)
+        self.spool_errors = Counter("gpusentry_agent_spool_errors",
+                                    "Checks of the spool that failed (it could not be made again); retried every "
+                                    "cycle.", registry=r)
         self.spool_dropped = Counter("gpusentry_agent_spool_dropped_messages",
                                      "Unsent messages dropped because the spool was over its cap.", registry=r)
         self.oversize_dropped = Counter("gpusentry_agent_oversize_events_dropped",

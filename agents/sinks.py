@@ -87,6 +87,14 @@ class _InFlight:
     done: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolRemoval:
+    """The spool's files were removed from outside while the agent ran."""
+
+    problem: str  # what is gone, in words
+    removed_messages: int  # unsent messages that were in the removed files
+
+
 class KafkaSink:
     """confluent-kafka producer fed from the spool, in order, acknowledged record by record.
 
@@ -171,6 +179,22 @@ class KafkaSink:
                     self.metrics.messages_spooled.inc()
             self.spool.flush()
             self.pump()
+
+    def check_spool(self) -> SpoolRemoval | None:
+        """Whether the spool's files were removed since the last cycle; when they were, carry on with what is left
+        (:meth:`Spool.recover`) and say what was found, for the agent to report."""
+        with self._lock:
+            problem = self.spool.missing()
+            if problem is None:
+                return None
+            in_flight = len(self._inflight)
+            removed = self.spool.recover()
+            self._read_pos = max(self._read_pos, self.spool.head)
+            self.metrics.spool_removals.inc()
+            log.error("%s: %d unsent message(s) were in the removed files (%d were already with the Kafka client and "
+                      "may still arrive); the agent reports it and goes on with a new segment", problem, removed,
+                      min(in_flight, removed))
+            return SpoolRemoval(problem, removed)
 
     def pump(self) -> None:
         """Serve delivery reports, move the cursor, produce what is next.  Never blocks."""

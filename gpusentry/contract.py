@@ -281,9 +281,16 @@ DATASET_FIELDS: dict[Dataset, tuple[FieldSpec, ...]] = {
         _o("gpusentry.owner.step", _STR, "Its Slurm step (`0`, `batch`, `extern`, ...)."),
         _o("process.hash.sha256", _STR, "SHA-256 of the executable (optional)."),
         _o("gpusentry.agent.lifecycle", _STR, "On the agent's own process event: `started` when it starts, "
-           "`stopping` as its last event when a signal stops it (absent on every other process event).",
-           choices=["started", "stopping"]),
+           "`spool_removed` when it found its spool's files removed while it ran (an event of type `start`, like "
+           "`started`), `stopping` as its last event when a signal stops it (absent on every other process event).",
+           choices=["started", "spool_removed", "stopping"]),
         _o("gpusentry.agent.stop_signal", _STR, "With `stopping`: the signal that stopped it (`SIGTERM`, `SIGINT`)."),
+        _o("gpusentry.agent.spool_new", _BOOL, "With `started` from an agent sending to Kafka: its spool had no file "
+           "when it started (its first start, or a spool deleted, moved or lost with its disk while it was "
+           "stopped)."),
+        _o("gpusentry.agent.spool_problem", _STR, "With `spool_removed`: what was removed, in words."),
+        _o("gpusentry.agent.spool_removed_messages", _INT, "With `spool_removed`: how many unsent messages were in "
+           "the removed files (any already handed to the Kafka client may still arrive)."),
     ),
     Dataset.NETWORK: (
         _f("source.ip", _STR, "Local address."),

@@ -78,6 +78,139 @@ def test_unwritable_spool_names_the_fix(tmp_path):
         Spool(blocker / "spool", 1024 * 1024)
 
 
+def test_a_spool_removed_while_running_is_found_and_the_spool_goes_on(tmp_path):
+    import shutil
+
+    spool = Spool(tmp_path / "spool", 10 * 1024 * 1024, segment_bytes=4096)
+    for i in range(100):
+        spool.append("t", b"h", f"msg-{i}".encode() * 20)
+    spool.ack(spool.read(spool.head, 30)[-1].end, 30)
+    spool.commit()
+    assert spool.missing() is None
+    shutil.rmtree(tmp_path / "spool")
+    assert spool.missing() == f"the spool directory {tmp_path / 'spool'} was removed"
+    assert spool.recover() == 70  # the unsent ones were in the removed files
+    assert spool.missing() is None and spool.pending == 0
+    spool.append("t", b"h", b"after")
+    assert [m.value for m in spool.read(spool.head, 10)] == [b"after"]
+    spool.close()
+    again = Spool(tmp_path / "spool", 10 * 1024 * 1024, segment_bytes=4096)
+    assert [m.value for m in again.read(again.head, 10)] == [b"after"] and not again.created
+    again.close()
+
+
+def test_an_older_spool_segment_removed_keeps_the_others(tmp_path):
+    spool = Spool(tmp_path, 10 * 1024 * 1024, segment_bytes=4096)
+    for i in range(100):
+        spool.append("t", b"h", i.to_bytes(4, "big") + b"v" * 200)
+    spool.flush()
+    segments = sorted(tmp_path.glob("*.seg"))
+    assert len(segments) > 3
+    in_first = sum(1 for m in spool.read(spool.head, 1000) if m.end[0] == int(segments[0].stem))
+    segments[0].unlink()
+    assert spool.missing() == "1 older spool segment(s) were removed"
+    assert spool.recover() == in_first
+    left = [int.from_bytes(m.value[:4], "big") for m in spool.read(spool.head, 1000)]
+    assert left == list(range(in_first, 100)) and spool.pending == 100 - in_first
+    spool.close()
+
+
+def test_a_spool_segment_replaced_by_another_file_is_found(tmp_path):
+    spool = Spool(tmp_path, 10 * 1024 * 1024)
+    spool.append("t", b"h", b"one")
+    spool.flush()
+    seg = next(tmp_path.glob("*.seg"))
+    seg.rename(tmp_path / "aside")
+    seg.write_bytes(b"")
+    assert spool.missing() == f"the spool segment {seg.name} was replaced by another file"
+    assert spool.recover() == 1
+    assert not seg.exists() and spool.missing() is None
+    spool.close()
+
+
+def test_a_spool_left_alone_is_never_reported_removed(tmp_path_factory):
+    """Rotation, acknowledgement (which deletes sent segments), drops over the cap and restarts are the spool's own
+    doing: none of them may look like a removal."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ops = st.lists(st.one_of(st.tuples(st.just("append"), st.integers(1, 3000)),
+                             st.tuples(st.just("ack"), st.integers(0, 20)),
+                             st.tuples(st.just("restart"), st.just(0))), max_size=60)
+
+    @settings(max_examples=40, deadline=None)
+    @given(ops)
+    def check(steps):
+        d = tmp_path_factory.mktemp("spool")
+        spool = Spool(d, 64 * 1024, segment_bytes=4096)
+        for op, arg in steps:
+            if op == "append":
+                spool.append("t", b"k", b"v" * arg)
+            elif op == "ack":
+                batch = spool.read(spool.head, arg)
+                if batch:
+                    spool.ack(batch[-1].end, len(batch))
+            else:
+                spool.close()
+                spool = Spool(d, 64 * 1024, segment_bytes=4096)
+            assert spool.missing() is None, (op, arg)
+        spool.close()
+
+    check()
+
+
+def test_the_agent_reports_its_spool_removed_and_a_worker_raises_agent_tampered(tmp_path):
+    """End to end without a broker: the Kafka sink holds every message (its broker does not answer), the spool is
+    deleted, and the next cycle's own event says so; replayed, it is a high agent.tampered finding."""
+    import shutil
+
+    from gpusentry.replay import run_replay
+
+    cfg = config(tmp_path, collectors=["gpu"])
+    cfg.kafka.bootstrap_servers = "127.0.0.1:1"
+    out = tmp_path / "events.jsonl"
+    agent = Agent(cfg, outputs=["kafka", f"jsonl:{out}"], nvml=fake_gpus(2).module(), strict=True)
+    try:
+        agent.start()
+        agent.announce("started")
+        for _ in range(3):
+            agent.run_cycle()
+        sink = agent.kafka_sink()
+        assert sink is not None and sink.spool.pending == 4
+        shutil.rmtree(tmp_path / "spool")
+        agent.run_cycle()
+        agent.run_cycle()  # a second check finds the new spool whole: reported once
+        assert agent.metrics.value("gpusentry_agent_spool_removals_total") == 1
+        assert sink.spool.pending == 3  # the report and two cycles, in the new spool
+    finally:
+        agent.close(timeout=0.2)
+    own = [e for e in map(orjson.loads, out.read_bytes().splitlines()) if (e.get("gpusentry") or {}).get("agent")]
+    assert [e["gpusentry"]["agent"]["lifecycle"] for e in own] == ["started", "spool_removed"]
+    assert own[0]["gpusentry"]["agent"]["spool_new"] is True
+    report = own[1]["gpusentry"]["agent"]
+    assert report["spool_removed_messages"] == 4 and "was removed" in report["spool_problem"]
+    assert not isinstance(c.validate_event(own[1]), c.Reject)
+    alerts = tmp_path / "alerts.jsonl"
+    run_replay([out], Config(), out=alerts)
+    found = [a for a in map(orjson.loads, alerts.read_bytes().splitlines())
+             if "agent.tampered" in a["gpusentry"]["alert"]["rules"]]
+    assert found and found[-1]["gpusentry"]["alert"]["severity"] == "high"
+    assert "4 unsent message(s)" in found[-1]["message"]
+
+
+def test_started_says_whether_the_spool_was_new(tmp_path):
+    cfg = config(tmp_path, collectors=[])
+    cfg.kafka.bootstrap_servers = "127.0.0.1:1"
+    news = []
+    for run in range(2):
+        out = tmp_path / f"run{run}.jsonl"
+        agent = Agent(cfg, outputs=["kafka", f"jsonl:{out}"], strict=True)
+        agent.announce("started")
+        agent.close(timeout=0.1)
+        news.append(orjson.loads(out.read_bytes())["gpusentry"]["agent"]["spool_new"])
+    assert news == [True, False]
+
+
 def test_split_batch_keeps_messages_under_the_cap():
     events = [c.gpu_event(HOST, 1.0, index=i, uuid=f"GPU-{i}", name="x" * 300) for i in range(40)]
     parts = split_batch(events, 4096)

@@ -18,11 +18,17 @@ def gpu_lost(event: dict[str, Any]) -> bool:
     return ((event.get("gpusentry") or {}).get("gpu") or {}).get("status") == "lost"
 
 
-def lifecycle(event: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(``started`` / ``stopping`` / None, the stop signal) of an agent's own process event."""
+def agent_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """The ``gpusentry.agent`` fields of an event (empty on all but the agent's own process events)."""
     if event["event"]["dataset"] != Dataset.PROCESS.value:
-        return None, None
-    agent = (event.get("gpusentry") or {}).get("agent") or {}
+        return {}
+    agent = (event.get("gpusentry") or {}).get("agent")
+    return agent if isinstance(agent, dict) else {}
+
+
+def lifecycle(event: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(``started`` / ``spool_removed`` / ``stopping`` / None, the stop signal) of an agent's own process event."""
+    agent = agent_fields(event)
     return agent.get("lifecycle"), agent.get("stop_signal")
 
 
