@@ -6,7 +6,8 @@ Exit codes scripts can rely on (also in the README):
 * 1  the command ran and failed (broker unreachable, an output refused, ...)
 * 2  bad usage or bad configuration (the message names the fix)
 * 4  ``replay --strict``: the input held lines that were rejected
-* 130 interrupted (Ctrl-C)
+* 130 interrupted (Ctrl-C; SIGTERM for ``up``)
+* 129 / 141 ``up`` only: its terminal closed / the program reading its output exited
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from gpusentry import __version__
-from gpusentry.config import Config, ConfigError, config_docs, load_config
+from gpusentry.config import Config, ConfigError, config_docs, load_config_for
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTS, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 
@@ -49,16 +50,39 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
-def setup(config_path: Path | None) -> Config:
-    """Load the configuration (exit 2 with the fix on error) and configure logging."""
+# The config sections each command reads (logging: all of them). Each command validates only these, so a problem
+# in [outputs] stops the forwarder, not the worker; a section used after all is refused when first read.
+ALL_SECTIONS = None
+USES_KAFKA = ("kafka", "topics")
+USES_AGENT = (*USES_KAFKA, "contract", "agent")
+USES_WORKER = (*USES_KAFKA, "contract", "worker", "detection", "feedback")
+USES_FORWARD = (*USES_KAFKA, "contract", "outputs")
+USES_DETECTION = ("detection",)
+USES_REPLAY = ("detection", "contract")
+USES_REPORT = (*USES_KAFKA, "contract", "detection")
+USES_TOPICS = (*USES_KAFKA, "worker")  # worker.app_id names the checkpoint topic
+USES_FEEDBACK = (*USES_KAFKA, "feedback")
+USES_OUTPUTS = (*USES_KAFKA, "outputs")
+
+
+def setup(config_path: Path | None, uses: tuple[str, ...] | None) -> Config:
+    """Load the configuration sections the command ``uses`` (None: all; exit 2 with the fix on error), configure
+    logging, and warn about any other section that is invalid."""
+    import logging
+
     try:
-        cfg = load_config(config_path)
+        cfg, unused = load_config_for(None if uses is None else ("logging", *uses), config_path)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     configure_logging(cfg)
-    from gpusentry import knowledge
+    for section, problems in unused.items():
+        logging.getLogger("gpusentry.config").warning(
+            "[%s] is invalid; this command does not use it and goes on, but one that does will refuse to start:\n%s",
+            section, problems)
+    if uses is None or "detection" in uses:
+        from gpusentry import knowledge
 
-    knowledge.use_directory(cfg.detection.knowledge_dir)  # before any detector reads its file
+        knowledge.use_directory(cfg.detection.knowledge_dir)  # before any detector reads its file
     return cfg
 
 
@@ -82,17 +106,21 @@ def up(config: ConfigOption = None,
        demo: Annotated[bool, typer.Option(help="Also inject a simulated hijack on a simulated host.")] = False,
        scenario: Annotated[str, typer.Option(help="The --demo scenario (`gpusentry simulate --list`), e.g. "
                                              "agent-combined for an agent sandbox's tunnel, probing and GPU miner.")
-                           ] = "miner-blatant") -> None:
+                           ] = "miner-blatant",
+       keep_spool: Annotated[bool, typer.Option(help="Keep the agent's temporary spool (embedded broker only) "
+                                                "after stopping; by default it is removed with the run.")] = False,
+       ) -> None:
     """Run everything on this machine: embedded broker, worker, local agent, live incident view."""
-    cfg = setup(config)
+    cfg = setup(config, ALL_SECTIONS)
     from gpusentry.broker import BrokerUnavailable
     from gpusentry.simulate import SCENARIOS
-    from streams.up import run_up
+    from streams.up import UpConsole, run_up
 
     if scenario not in SCENARIOS:
         fail(f"--scenario {scenario!r} is not a scenario; choose one of: {', '.join(SCENARIOS)}", EXIT_USAGE)
     try:
-        code = run_up(cfg, demo=demo, config_path=config, console=Console(), scenario=scenario)
+        code = run_up(cfg, demo=demo, config_path=config, console=UpConsole(), scenario=scenario,
+                      keep_spool=keep_spool)
     except BrokerUnavailable as exc:
         fail(str(exc))
     raise typer.Exit(code)
@@ -116,7 +144,7 @@ def agent(
         = False,
 ) -> None:
     """Run the host agent: collect GPU, process, network and DNS events and publish them."""
-    cfg = setup(config)
+    cfg = setup(config, USES_AGENT)
     from agents.agent import AgentError, run_agent
 
     try:
@@ -141,7 +169,7 @@ def worker(config: ConfigOption = None,
            create_topics: Annotated[bool, typer.Option(help="Create missing topics (kafka.partitions each).")] = False
            ) -> None:
     """Run a stream worker: detection on the event topics, incidents to the alerts topic."""
-    cfg = setup(config)
+    cfg = setup(config, USES_WORKER)
     from streams.worker import TopicsMissing, run_worker
 
     try:
@@ -171,7 +199,7 @@ def simulate(
     """Write labelled fleet scenarios (benign work and hijacks) as contract events."""
     from gpusentry.simulate.cli import list_scenarios, run_simulate
 
-    setup(config)
+    setup(config, ())
     if list_:
         list_scenarios(Console(soft_wrap=True))
         return
@@ -198,7 +226,7 @@ def replay(
     """Run the detectors over event files and captures and print the alerts as JSONL."""
     from gpusentry.replay import run_replay
 
-    cfg = setup(config)
+    cfg = setup(config, (*USES_REPLAY, "outputs") if deliver else USES_REPLAY)
     failed_deliveries = 0
     if deliver:
         from outputs.cli import CommandError, replay_and_deliver
@@ -224,7 +252,7 @@ app.add_typer(topics_app, name="topics")
 def topics_create(config: ConfigOption = None) -> None:
     """Create the missing topics (kafka.partitions each; a compacted checkpoint topic, a feedback topic kept for
     ever) and exit: what a deployment's topic job runs before the workers start."""
-    cfg = setup(config)
+    cfg = setup(config, USES_TOPICS)
     from streams.worker import TopicsMissing, ensure_topics
 
     try:
@@ -250,7 +278,7 @@ def pools_refresh(
     """Validate a pool list and install it at detection.pools.file (workers read it at start-up)."""
     from gpusentry.pools import PoolRefreshError, refresh, safe_source
 
-    cfg = setup(config)
+    cfg = setup(config, USES_DETECTION)
     try:
         result = refresh(source, cfg.detection.pools, skip_invalid=skip_invalid)
     except PoolRefreshError as exc:
@@ -270,7 +298,7 @@ def pools_show(
     """Print where the pool list comes from and how many entries it has."""
     from gpusentry.pools import describe
 
-    cfg = setup(config)
+    cfg = setup(config, USES_DETECTION)
     typer.echo(describe(cfg.detection.pools, show_entries=entries))
 
 
@@ -286,7 +314,7 @@ def knowledge_list(config: ConfigOption = None) -> None:
 
     from gpusentry import knowledge
 
-    cfg = setup(config)
+    cfg = setup(config, USES_DETECTION)
     directory = cfg.detection.knowledge_dir
     for name in knowledge.FILES:
         shipped = knowledge.shipped_path(name)
@@ -334,7 +362,7 @@ def knowledge_refresh(
     from gpusentry import knowledge
     from gpusentry.pools import PoolRefreshError, fetch, safe_source
 
-    cfg = setup(config)
+    cfg = setup(config, USES_DETECTION)
     if cfg.detection.knowledge_dir is None:
         fail("detection.knowledge_dir is not set; set it (e.g. /var/lib/gpusentry/knowledge) so workers read "
              "installed files from there", EXIT_USAGE)
@@ -381,7 +409,7 @@ def report(
     from gpusentry.report import render as render_report
     from gpusentry.timefmt import parse_timestamp
 
-    cfg = setup(config)
+    cfg = setup(config, USES_REPORT)
     if by not in GROUPS:
         fail(f"--by {by!r}: choose one of {', '.join(GROUPS)}", EXIT_USAGE)
     if fmt not in FORMATS:
@@ -426,7 +454,7 @@ def waste(
     from gpusentry.report import to_csv, to_json
     from gpusentry.waste import GROUPS, WasteError, rows, tally_files
 
-    cfg = setup(config)
+    cfg = setup(config, USES_DETECTION)
     if by not in GROUPS:
         fail(f"--by {by!r}: choose one of {', '.join(GROUPS)}", EXIT_USAGE)
     if fmt not in ("csv", "json"):
@@ -484,7 +512,7 @@ def deadletters_list(
     from gpusentry.topic_range import TopicReadError
     from outputs.deadletters import read_dead_letters
 
-    cfg = setup(config)
+    cfg = setup(config, USES_OUTPUTS)
     t_since, t_until = _range(since, until)
     try:
         letters, bad = read_dead_letters(cfg, t_since, t_until)
@@ -517,7 +545,7 @@ def deadletters_redrive(
     from outputs.deadletters import alerts_of, read_dead_letters, redrive
     from outputs.registry import OutputConfigError
 
-    cfg = setup(config)
+    cfg = setup(config, USES_OUTPUTS)
     t_since, t_until = _range(since, until)
     try:
         letters, _ = read_dead_letters(cfg, t_since, t_until)
@@ -583,7 +611,7 @@ def feedback_add(
     from streams.feedback import FeedbackError
     from streams.feedback_admin import publish, signed_verdict
 
-    cfg = setup(config)
+    cfg = setup(config, USES_FEEDBACK)
     scope = {"host.name": host, "process.executable": executable, "rule.id": rule,
              "gpusentry.feedback.dedup_key": dedup_key}
     if not any(scope.values()):
@@ -622,7 +650,7 @@ def feedback_list(
     from streams.feedback import FeedbackError, Verifier
     from streams.feedback_admin import audit, read_feedback_topic
 
-    cfg = setup(config)
+    cfg = setup(config, USES_FEEDBACK)
     try:
         rows = audit(read_feedback_topic(cfg), Verifier.from_settings(cfg.feedback), now=time.time())
     except FeedbackError as exc:
@@ -654,7 +682,7 @@ def feedback_revoke(
     from streams.feedback import FeedbackError, Verifier
     from streams.feedback_admin import audit, find_verdict, publish, read_feedback_topic, signed_verdict
 
-    cfg = setup(config)
+    cfg = setup(config, USES_FEEDBACK)
     try:
         rows = audit(read_feedback_topic(cfg), Verifier.from_settings(cfg.feedback), now=time.time())
         target = find_verdict(rows, verdict_id)
@@ -675,11 +703,14 @@ def forward(config: ConfigOption = None) -> None:
     """Deliver incidents from the alerts topic to every enabled output, retried; failures to the dead-letter topic."""
     from outputs.cli import CommandError, run_forward
 
-    cfg = setup(config)
+    cfg = setup(config, USES_FORWARD)
     try:
-        err.print(run_forward(cfg).describe(), highlight=False)
+        summary = run_forward(cfg)
     except CommandError as exc:
         fail(str(exc), exc.code)
+    err.print(summary.describe(), highlight=False)
+    # Ctrl-C is an interruption (130, like every command); SIGTERM is how a service manager stops it (0).
+    raise typer.Exit(EXIT_INTERRUPTED if summary.stopped_by == "SIGINT" else EXIT_OK)
 
 
 @outputs_app.command("test")
@@ -694,7 +725,7 @@ def outputs_test(
     """Send a sample incident to every enabled output and report each one's result (exit 1 if any failed)."""
     from outputs.cli import CommandError, test_outputs
 
-    cfg = setup(config)
+    cfg = setup(config, USES_OUTPUTS)
     try:
         results = test_outputs(cfg, only=output, resolve=resolve, attempts=attempts, console=err)
     except CommandError as exc:
@@ -706,14 +737,14 @@ def outputs_test(
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
     """Validate the configuration and exit 0, or list every problem and exit 2."""
-    setup(config)
+    setup(config, ALL_SECTIONS)
     typer.echo("configuration is valid")
 
 
 @config_app.command("show")
 def config_show(config: ConfigOption = None) -> None:
     """Print the effective configuration as JSON (secrets masked)."""
-    cfg = setup(config)
+    cfg = setup(config, ALL_SECTIONS)
     typer.echo(cfg.model_dump_json(indent=2))
 
 
@@ -734,6 +765,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except ConfigError as exc:  # a section the command was not expected to use, read after all (setup's note)
+        err.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, NoReturn, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from gpusentry.settings.agent import AgentSettings
 from gpusentry.settings.base import Section
@@ -108,9 +109,9 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _explain(exc: ValidationError, source: str, origin: dict[tuple[str, ...], str]) -> str:
+def _explain(errors: Iterable[ErrorDetails], source: str, origin: dict[tuple[str, ...], str]) -> str:
     lines = []
-    for err in exc.errors():
+    for err in errors:
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc) or "(top level)"
         where = origin.get(loc) or source
@@ -135,8 +136,9 @@ def find_config_file(explicit: str | Path | None, environ: Mapping[str, str]) ->
     return default if default.is_file() else None
 
 
-def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Load, merge and validate; raise :class:`ConfigError` with every problem at once."""
+def _read(path: str | Path | None, environ: Mapping[str, str] | None
+          ) -> tuple[dict[str, Any], str, dict[tuple[str, ...], str]]:
+    """The merged settings (file, then environment), where they came from, and which variable set each key."""
     environ = os.environ if environ is None else environ
     file = find_config_file(path, environ)
     data: dict[str, Any] = {}
@@ -152,13 +154,69 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {file} cannot be read: {exc}") from None
     overrides, origin = env_overrides(environ)
+    return _merge(data, overrides), source, origin
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load, merge and validate every section; raise :class:`ConfigError` with every problem at once."""
+    data, source, origin = _read(path, environ)
     try:
-        return Config.model_validate(_merge(data, overrides))
+        return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, source, origin)) from None
+        raise ConfigError(_explain(exc.errors(), source, origin)) from None
 
 
-# ---------------------------------------------------------------------------- documentation
+class UnusedInvalidSection:
+    """Stands in for a section whose settings are invalid, in a command that does not use it (the worker and
+    ``[outputs]``, say): the command runs, and anything that reads the section after all fails with the error a
+    command that uses it gives at start-up."""
+
+    __slots__ = ("name", "problems")
+
+    def __init__(self, name: str, problems: str) -> None:
+        self.name = name
+        self.problems = problems
+
+    def __getattr__(self, attr: str) -> NoReturn:
+        if attr.startswith("__"):  # copy, pickle and friends ask for optional hooks: those are simply absent
+            raise AttributeError(attr)
+        raise ConfigError(f"[{self.name}] is used by this command after all, and it is {self.problems}")
+
+    def __repr__(self) -> str:
+        return f"UnusedInvalidSection({self.name!r})"
+
+
+def load_config_for(uses: Collection[str] | None, path: str | Path | None = None,
+                    environ: Mapping[str, str] | None = None) -> tuple[Config, dict[str, str]]:
+    """Load the settings a command uses (``uses``: section names; None for all of them).
+
+    A problem in a section the command uses, or an unknown section, raises :class:`ConfigError` with every such
+    problem. A section it does not use may be invalid: it is replaced by an :class:`UnusedInvalidSection`, and
+    its problems are returned by section name, for the command to warn about once it logs.
+    """
+    data, source, origin = _read(path, environ)
+    try:
+        return Config.model_validate(data), {}
+    except ValidationError as exc:
+        errors = exc.errors()
+    if uses is not None:
+        unknown = sorted(set(uses) - set(Config.model_fields))
+        if unknown:
+            raise ValueError(f"not config sections: {unknown}")
+    by_section: dict[str, list[ErrorDetails]] = {}
+    fatal: list[ErrorDetails] = []
+    for err in errors:
+        section = str(err["loc"][0]) if err["loc"] else ""
+        used = uses is None or section in uses or section not in Config.model_fields
+        (fatal if used else by_section.setdefault(section, [])).append(err)
+    if fatal:
+        raise ConfigError(_explain(fatal, source, origin))
+    valid = Config.model_validate({k: v for k, v in data.items() if k not in by_section})
+    unused = {name: "invalid:\n" + _explain(errs, source, origin).split("\n", 1)[1]
+              for name, errs in by_section.items()}
+    fields = {name: getattr(valid, name) for name in Config.model_fields if name not in unused}
+    fields.update({name: UnusedInvalidSection(name, problems) for name, problems in unused.items()})
+    return Config.model_construct(**fields), {name: p.split("\n", 1)[1] for name, p in unused.items()}
 
 
 def _type_text(annotation: Any) -> str:

@@ -46,10 +46,18 @@ def run_forward(cfg: Config) -> ForwardSummary:
 
     async def main() -> ForwardSummary:
         stop = asyncio.Event()
+        stopped_by: list[str] = []
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            stopped_by.append(sig.name)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await forward(cfg, stop)
+            loop.add_signal_handler(sig, on_signal, sig)
+        summary = await forward(cfg, stop)
+        summary.stopped_by = stopped_by[0] if stopped_by else None
+        return summary
 
     try:
         return asyncio.run(main())

@@ -51,6 +51,7 @@ class ForwardSummary:
     alerts: int = 0
     rejected: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)  # "<output>:delivered" / "<output>:dead_lettered"
+    stopped_by: str | None = None  # the signal that ended `gpusentry forward` (SIGINT, SIGTERM)
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())) or "nothing routed"

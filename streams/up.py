@@ -12,8 +12,11 @@ stops.  The incidents file is kept (and appended to by the next run).
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +39,8 @@ from gpusentry.broker import EmbeddedBroker, create_topics, die_with_parent
 from gpusentry.config import Config
 from gpusentry.contract import get
 from gpusentry.terminal import CONTROL, shown
+
+log = logging.getLogger(__name__)
 
 DEMO_HOST = "sim-demo-gpu-01"
 DEMO_SCENARIO = "miner-blatant"
@@ -207,15 +212,25 @@ def _alerts_consumer(cfg: Config, bootstrap: str) -> Any:
 
 
 def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Console,
-           scenario: str = DEMO_SCENARIO) -> int:
+           scenario: str = DEMO_SCENARIO, keep_spool: bool = False) -> int:
+    """Run everything until Ctrl-C (exit 130), SIGTERM (130), a closed terminal (SIGHUP: 129) or a closed output
+    (the program reading a pipe exited: 141); each stops the children in order the same way."""
     logs = Path(tempfile.mkdtemp(prefix="gpusentry-up-"))
     broker: EmbeddedBroker | None = None
     children: list[Child] = []
     demo_thread: Demo | None = None
     incidents_path = Path(cfg.worker.incidents_file).resolve()
-    interrupted = False
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)
+    out = _Output(console)
+    spool_dir: Path | None = None
+    received: list[int] = []  # the stop signals that arrived (SIGTERM, SIGHUP)
+
+    def on_stop_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            raise KeyboardInterrupt  # stops `up` the way Ctrl-C does; a second one while stopping is only noted
+
+    previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    code = 0
     try:
         if cfg.kafka.bootstrap_servers:
             bootstrap = cfg.kafka.bootstrap_servers
@@ -232,7 +247,8 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
         if broker is not None:
             # The agent's spool outlives a run, the embedded broker does not: resending an old run's
             # events to a fresh broker would only confuse, so the spool lives and dies with this run.
-            env["GPUSENTRY_AGENT__SPOOL_DIR"] = str(logs / "agent-spool")
+            spool_dir = logs / "agent-spool"
+            env["GPUSENTRY_AGENT__SPOOL_DIR"] = str(spool_dir)
         base = [sys.executable, "-m", "gpusentry.cli"]
         cfg_args = ["--config", str(config_path)] if config_path else []
         children = [Child("worker", [*base, "worker", "--create-topics", *cfg_args], env, logs / "worker.log"),
@@ -281,11 +297,18 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
             finally:
                 consumer.close()
     except KeyboardInterrupt:
-        interrupted = True
+        code = 129 if received[:1] == [signal.SIGHUP] else 130
+    except OSError as exc:
+        # The reader of our output is gone: a pipe into a program that exited (`up | head`), or a closed terminal
+        # (EIO; its SIGHUP may come before or after). Everything stops as after Ctrl-C, without a word more.
+        if exc.errno not in _OUTPUT_GONE:
+            raise
+        out.lost()
+        code = 129 if signal.SIGHUP in received else 141
     finally:
         parts = (["demo"] if demo_thread is not None else []) + [c.name for c in reversed(children)] + \
             (["broker"] if broker is not None else [])
-        console.print(f"stopping: {', '.join(parts)} ...")
+        out.print(f"stopping: {', '.join(parts)} ...")
         if demo_thread is not None:
             demo_thread.stopping.set()
             demo_thread.join(10)
@@ -293,14 +316,62 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
             child.stop()
         if broker is not None:
             broker.stop()
-        signal.signal(signal.SIGTERM, previous)
-        console.print(f"stopped. Incidents are kept in {incidents_path}; logs in {logs}", highlight=False,
-                      markup=False)
-    return 130 if interrupted else 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        kept = f"; logs in {logs}"
+        if spool_dir is not None and not keep_spool and spool_dir.exists():
+            try:
+                shutil.rmtree(spool_dir)
+            except OSError as exc:
+                log.warning("could not remove the agent's temporary spool %s (%s); remove it by hand", spool_dir, exc)
+        elif spool_dir is not None and keep_spool:
+            kept += f"; the agent's spool in {spool_dir}"
+        out.print(f"stopped. Incidents are kept in {incidents_path}{kept}", highlight=False, markup=False)
+    return code
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops `up` the way Ctrl-C does
+# The reader of `up`'s output is gone: EPIPE from a pipe, EIO from a terminal that was closed.
+_OUTPUT_GONE = (errno.EPIPE, errno.EIO)
+
+
+class UpConsole(Console):
+    """The console of `up`: a pipe whose reader exited raises BrokenPipeError to `run_up`, which then stops
+    everything in order, instead of rich's default of exiting with 1 and leaving the children to their
+    parent-death signal."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+class _Output:
+    """`up`'s own lines: once the reader is gone nothing more is written, and the stopping sequence still runs."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.gone = False
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        if self.gone:
+            return
+        try:
+            self.console.print(*objects, **options)
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_GONE:
+                raise
+            self.lost()
+
+    def lost(self) -> None:
+        self.gone = True
+        self.console.quiet = True
+        if self.console.file is not sys.stdout:
+            return
+        # Python flushes stdout at exit: pointed at /dev/null, that flush has nowhere to fail with a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
 
 
 class _NoLive:

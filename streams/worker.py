@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 from typing import Any
 
 import faust
@@ -194,10 +195,23 @@ def run_worker(cfg: Config, *, create_topics: bool = False) -> int:
     partitions = ensure_topics(cfg, create=create_topics)
     wa = build_app(cfg)
     service = PipelineService(wa, partitions)
-    worker = faust.Worker(wa.app, service, loglevel=cfg.logging.level.lower(), quiet=True,
-                          override_logging=False, redirect_stdouts=False)
+    worker = _Worker(wa.app, service, loglevel=cfg.logging.level.lower(), quiet=True,
+                     override_logging=False, redirect_stdouts=False)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+        if exc.code:
+            return int(exc.code)
+    # Ctrl-C is an interruption (130, like every command); SIGTERM is how a service manager stops it (0).
+    return 128 + signal.SIGINT if worker.stopped_by == signal.SIGINT else 0
+
+
+class _Worker(faust.Worker):
+    """faust's worker, remembering which signal stopped it (faust stops the same way for both)."""
+
+    stopped_by: signal.Signals | None = None
+
+    def _schedule_shutdown(self, signal_: signal.Signals) -> None:  # mode's one path for SIGINT and SIGTERM
+        if self.stopped_by is None:
+            self.stopped_by = signal_
+        super()._schedule_shutdown(signal_)

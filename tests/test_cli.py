@@ -258,3 +258,56 @@ def test_an_unreachable_broker_is_one_line_per_complaint_not_a_librdkafka_flood(
     assert "%3|" not in text and "|FAIL|" not in text, "librdkafka printed to stderr itself"
     fails = [line for line in text.splitlines() if "librdkafka" in line and "FAIL" in line]
     assert 1 <= len(fails) <= 2, text[-3000:]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["worker", "forward"])
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 0)])
+def test_worker_and_forwarder_exit_130_on_ctrl_c_and_0_on_sigterm(bootstrap, command, sig, code):
+    """Ctrl-C is an interruption (130) for every long-running command; SIGTERM is a service manager's stop (0).
+    Each runs with a section it does not use invalid: it warns and goes on."""
+    import os
+    import signal
+    import time as _time
+
+    import httpx
+
+    from gpusentry.broker import free_port
+    from tests.streams_helpers import topic_env
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")}
+    env.update(topic_env(bootstrap, f"exit{command}"))
+    port = free_port()
+    if command == "worker":
+        env.update({"GPUSENTRY_WORKER__METRICS_PORT": str(port),
+                    "GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true"})  # no url nor secret: not the worker's concern
+        argv = ["worker", "--create-topics"]
+    else:
+        env.update({"GPUSENTRY_OUTPUTS__METRICS_PORT": str(port), "GPUSENTRY_OUTPUTS__WEBHOOK__ENABLED": "true",
+                    "GPUSENTRY_OUTPUTS__WEBHOOK__URL": "http://127.0.0.1:9/hook",
+                    "GPUSENTRY_OUTPUTS__WEBHOOK__SECRET": "s3cret-for-the-test",
+                    "GPUSENTRY_DETECTION__NOPE": "1"})  # the forwarder does not detect
+        argv = ["forward"]
+    p = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", *argv], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = _time.monotonic() + 60
+        while _time.monotonic() < deadline and p.poll() is None:  # running: its metrics answer
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                _time.sleep(0.3)
+        assert p.poll() is None, p.communicate()[1].decode()[-3000:]
+        _time.sleep(1)
+        p.send_signal(getattr(signal, sig))
+        _, err_text = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    text = err_text.decode()
+    assert p.returncode == code, text[-3000:]
+    assert "is invalid; this command does not use it" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]

@@ -76,3 +76,23 @@ def test_every_relative_link_in_the_docs_resolves():
             if "://" in target or target.startswith("mailto:"):
                 continue
             assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+
+
+def test_the_sections_each_command_reads_are_documented_as_the_cli_declares_them():
+    import re
+
+    from gpusentry import cli
+
+    text = (ROOT / "docs" / "reference.md").read_text()
+    table = {m[0]: m[1] for m in re.findall(r"^\| (`[^|]+`) \| ([^|]+) \|$", text, flags=re.M)}
+    documented = {}
+    for commands, sections in table.items():
+        for command in re.findall(r"`([^`]+)`", commands):
+            documented[command] = sections.strip()
+    declared = {"agent": cli.USES_AGENT, "worker": cli.USES_WORKER, "forward": cli.USES_FORWARD,
+                "replay": cli.USES_REPLAY, "report": cli.USES_REPORT, "waste": cli.USES_DETECTION,
+                "pools": cli.USES_DETECTION, "knowledge": cli.USES_DETECTION, "topics create": cli.USES_TOPICS,
+                "feedback": cli.USES_FEEDBACK, "deadletters": cli.USES_OUTPUTS, "outputs test": cli.USES_OUTPUTS}
+    for command, sections in declared.items():
+        assert documented[command].split(" (")[0] == ", ".join(sections), command
+    assert documented["up"] == documented["config check"] == "all"

@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psutil
@@ -208,3 +210,107 @@ def test_up_says_when_there_is_no_gpu_and_points_at_the_demo():
     console.print(up._screen(up.IncidentView(), up.embedded_broker_note("127.0.0.1:1"), [], None, Path("i.jsonl"),
                              Path("logs"), note))
     assert "gpu  no NVIDIA GPU on this machine" in console.export_text()
+
+
+# ------------------------------------------------------------------ however `up` ends
+
+
+def _up_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSENTRY_")}
+    # `up`'s temporary folder (logs, the agent's spool) goes under tmp_path, where the test can look at it.
+    env.update({"GPUSENTRY_WORKER__INCIDENTS_FILE": str(tmp_path / "incidents.jsonl"), "TMPDIR": str(tmp_path),
+                "GPUSENTRY_AGENT__INTERVAL_S": "1"})
+    return env
+
+
+def _children_when_all_run(pid: int, needed: tuple[str, ...] = ("worker", "agent", "broker")) -> list[psutil.Process]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = psutil.Process(pid).children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children if c.is_running())
+        if all(n in names for n in needed):
+            return children
+        time.sleep(0.3)
+    raise AssertionError(f"up did not start its children: {names}")
+
+
+def _stopped_in_order(tmp_path: Path, children: list[psutil.Process], *, spool_kept: bool = False) -> None:
+    """Every child gone, the worker's final checkpoint written (it was stopped, not killed), the agent's spool
+    removed unless asked to keep it."""
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"outlived up: {[' '.join(p.cmdline()) for p in alive]}"
+    (logs,) = tmp_path.glob("gpusentry-up-*")
+    assert "final checkpoints written" in (logs / "worker.log").read_text()
+    assert (logs / "agent-spool").exists() == spool_kept, sorted(p.name for p in logs.iterdir())
+
+
+@contextlib.contextmanager
+def _up(tmp_path: Path, *args: str, **popen: Any) -> Iterator[tuple[subprocess.Popen[bytes], list[psutil.Process]]]:
+    """`gpusentry up ARGS` in a session of its own; whatever the test leaves running is killed afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", "gpusentry.cli", "up", *args], cwd=tmp_path,
+                            env=_up_env(tmp_path), start_new_session=True, **popen)
+    children: list[psutil.Process] = []
+    try:
+        yield proc, children
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
+def test_up_piped_into_a_program_that_exits_early_stops_everything(tmp_path):
+    """`gpusentry up --demo | head -3`: the next line `up` writes finds the pipe closed; it stops its children in
+    order, says nothing more (no traceback) and exits 141, as a program killed by SIGPIPE would."""
+    with _up(tmp_path, "--demo", stdout=subprocess.PIPE, stderr=subprocess.PIPE) as (proc, children):
+        assert proc.stdout is not None and proc.stderr is not None
+        head = [proc.stdout.readline() for _ in range(3)]  # what `head -3` reads, then it exits
+        children += _children_when_all_run(proc.pid)
+        proc.stdout.close()
+        rc = proc.wait(90)
+        stderr = proc.stderr.read().decode()
+    assert b"embedded broker" in b"".join(head)
+    assert rc == 141, stderr[-3000:]
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-3000:]
+    _stopped_in_order(tmp_path, children)
+
+
+def test_a_closed_terminal_stops_up_in_order(tmp_path):
+    """`up` in a terminal that is closed (its window, an ssh session that drops): the kernel sends the session
+    SIGHUP and writes fail with EIO. `up` stops its children in order and exits 129."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # runs after setsid(): the pty becomes the session's terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    with _up(tmp_path, "--demo", stdin=slave, stdout=slave, stderr=slave,
+             preexec_fn=controlling_terminal) as (proc, children):
+        os.close(slave)
+        screen = b""
+        deadline = time.monotonic() + 60
+        while b"incidents (" not in screen and time.monotonic() < deadline:  # the live view is up
+            if select.select([master], [], [], 0.5)[0]:
+                screen += os.read(master, 65536)
+        assert b"incidents (" in screen, screen[-2000:]
+        children += _children_when_all_run(proc.pid)
+        os.close(master)  # the terminal goes away
+        rc = proc.wait(90)
+    assert rc == 129
+    _stopped_in_order(tmp_path, children)
+
+
+def test_sigterm_stops_up_in_order_and_keep_spool_keeps_the_spool(tmp_path):
+    with _up(tmp_path, "--keep-spool", stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) as (proc, children):
+        children += _children_when_all_run(proc.pid)
+        time.sleep(2)  # the agent has written to its spool
+        proc.terminate()
+        rc = proc.wait(90)
+    assert rc == 130
+    _stopped_in_order(tmp_path, children, spool_kept=True)
