@@ -92,7 +92,8 @@ class Agent:
             hasher = ExecutableHasher(s.hash_max_bytes) if s.hash_executables else None
             out.append(ProcessCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
                                         source=s.process_source, hasher=hasher,
-                                        containers=ContainerNames(s.docker_root), pods=pods))
+                                        containers=ContainerNames(s.docker_root), pods=pods,
+                                        ignore_tree=s.ignore_process_tree))
         if "network" in s.collectors:
             out.append(NetworkCollector(self.host_name, procfs=self.procfs, metrics=self.metrics,
                                         capture=s.capture, payload_bytes=s.payload_bytes,

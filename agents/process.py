@@ -133,8 +133,11 @@ class ProcessCollector:
 
     def __init__(self, host_name: str, *, procfs: ProcFS | None = None, metrics: AgentMetrics | None = None,
                  source: str = "auto", hasher: ExecutableHasher | None = None,
-                 containers: ContainerNames | None = None, pods: PodNames | None = None) -> None:
+                 containers: ContainerNames | None = None, pods: PodNames | None = None,
+                 ignore_tree: int | None = None) -> None:
         self.host_name = host_name
+        # The processes under this pid are gpusentry's own (`up`'s broker, worker, forwarder): not reported.
+        self._ignored: set[int] = {ignore_tree} if ignore_tree is not None else set()
         self.containers = containers or ContainerNames(None)
         self.pods = pods
         self.procfs = procfs or ProcFS()
@@ -170,6 +173,9 @@ class ProcessCollector:
                 log.warning("process collector: %s; polling /proc every cycle instead (processes shorter than "
                             "a cycle can be missed)", exc)
         log.info("process collector: source %s", self.source)
+        if self._ignored:
+            log.info("process collector: not reporting the processes under pid %d (agent.ignore_process_tree: "
+                     "gpusentry's own)", next(iter(self._ignored)))
         return True
 
     def _start_netlink(self) -> None:
@@ -319,8 +325,34 @@ class ProcessCollector:
                     if info is not None and not self._is_kernel_thread(info):
                         self.known[pid] = info
                         events.append(self._event("start", info, seen))
+        if self._ignored:
+            events = self._without_ignored(events)
         self.metrics.events.labels(self.name).inc(len(events))
         return events
+
+    def _without_ignored(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drop the events of the ignored tree. Its members are learnt from parents: the events come in fork
+        order (netlink), and the first poll sees every process at once, so it follows the known parents first."""
+        with self._lock:
+            grew = True
+            while grew:
+                grew = False
+                for pid, info in self.known.items():
+                    if pid not in self._ignored and info.ppid in self._ignored:
+                        self._ignored.add(pid)
+                        grew = True
+        kept = []
+        for event in events:
+            proc = event["process"]
+            pid = proc["pid"]
+            if pid in self._ignored or (proc.get("parent") or {}).get("pid") in self._ignored:
+                if event["event"]["type"] == ["end"]:
+                    self._ignored.discard(pid)
+                else:
+                    self._ignored.add(pid)
+                continue
+            kept.append(event)
+        return kept
 
     def _drain(self) -> list[dict[str, Any]]:
         out, self._pending = self._pending, []

@@ -243,7 +243,10 @@ def run_up(cfg: Config, *, demo: bool, config_path: Path | None, console: Consol
         create_topics(bootstrap, cfg.topics.all(), partitions=cfg.kafka.partitions,
                       client_config={k: v for k, v in cfg.kafka.confluent_config().items()
                                      if k != "bootstrap.servers"})
-        env = {**os.environ, "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap}
+        # The local agent does not report this run's own processes (broker, worker, forwarder, itself): the
+        # embedded broker runs from a hidden directory and would be `up`'s first incident.
+        env = {**os.environ, "GPUSENTRY_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+               "GPUSENTRY_AGENT__IGNORE_PROCESS_TREE": str(os.getpid())}
         if broker is not None:
             # The agent's spool outlives a run, the embedded broker does not: resending an old run's
             # events to a fresh broker would only confuse, so the spool lives and dies with this run.

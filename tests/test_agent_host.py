@@ -99,6 +99,45 @@ def test_process_start_and_end_of_a_real_child(workdir, source):
         col.close()
 
 
+@pytest.mark.parametrize("source", ["poll", "netlink"])
+def test_the_ignored_process_tree_is_not_reported_and_everything_else_is(workdir, source):
+    """`gpusentry up` runs its broker, worker and forwarder under its own pid and has its agent ignore that tree;
+    a process outside it, started at the same time, is still reported."""
+    import psutil
+
+    if source == "netlink" and not PRIVILEGED:
+        pytest.skip("the process-events connector needs root (CAP_NET_ADMIN)")
+    # Like `up`: a child running when the agent starts, and a grandchild started later.
+    root = subprocess.Popen(["sh", "-c", "sleep 60 & (sleep 1.5; sleep 61; true) & wait"], cwd=workdir)
+    col = ProcessCollector(HOST, metrics=AgentMetrics(), source=source, ignore_tree=root.pid)
+    outside = None
+    try:
+        try:
+            col.start()
+        except NetlinkUnavailable as exc:
+            pytest.skip(f"no process-events connector here: {exc}")
+        events = valid(col.collect(time.time()))
+        outside = sleeper(workdir, "--outside")
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            events += valid(col.collect(time.time()))
+        tree = {root.pid} | {c.pid for c in psutil.Process(root.pid).children(recursive=True)}
+        assert len(tree) >= 4, "the later grandchild has not started"
+        reported = {e["process"]["pid"] for e in events}
+        assert not reported & tree, [e["process"]["command_line"] for e in events if e["process"]["pid"] in tree]
+        assert outside.pid in reported and os.getpid() in reported
+    finally:
+        col.close()
+        for proc in psutil.Process(root.pid).children(recursive=True):
+            proc.kill()
+        root.kill()
+        root.wait()
+        if outside is not None:
+            outside.kill()
+            outside.wait()
+
+
 @pytest.fixture
 def netlink_collector():
     """A started process collector on the kernel's process-events connector (root only), closed afterwards."""

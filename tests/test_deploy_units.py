@@ -42,6 +42,7 @@ def test_unit_is_hardened(unit):
     s = service_section(unit)
     assert s.get("NoNewPrivileges") == "yes" and s.get("ProtectSystem") == "strict"
     assert s.get("KillSignal") == "SIGTERM" and s.get("Restart") == "always"
+    assert "IGNORE_PROCESS_TREE" not in unit.read_text(), "a monitored host's agent hides no process tree"
     if "agent" in unit.name:
         assert set(s["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE",
                                                             "CAP_DAC_READ_SEARCH"}, "the four capabilities, no others"

@@ -150,6 +150,8 @@ def test_every_config_the_chart_writes_is_one_gpusentry_accepts(tmp_path):
         path.write_text(text)
         cfg = load_config(path, environ=pod_env)
         assert cfg.kafka.sasl_username == name and cfg.kafka.partitions == 24, name
+        assert cfg.agent.ignore_process_tree is None, "a monitored node's agent hides no process tree"
+    assert "IGNORE_PROCESS_TREE" not in "".join(map(str, render(**EVERYTHING)))
     worker = load_config(tmp_path / "gpusentry-worker.toml", environ=pod_env)
     assert worker.feedback.require_signature and "soc-1" in worker.feedback.trusted_keys
     forwarder = load_config(tmp_path / "gpusentry-forwarder.toml", environ=pod_env)

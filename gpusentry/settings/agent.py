@@ -30,6 +30,10 @@ class AgentSettings(Section):
         "auto", description="Process start/end source: `netlink` (the kernel's process-events connector: real "
         "time, sees short-lived processes; needs CAP_NET_ADMIN in the host network namespace), `poll` (/proc "
         "every cycle; processes shorter than a cycle can be missed), `auto` (netlink when it works, else poll).")
+    ignore_process_tree: int | None = Field(
+        None, ge=2, description="A pid whose descendants the process collector does not report. `gpusentry up` "
+        "sets it to its own pid, so its embedded broker, worker and forwarder are not judged as the machine's "
+        "processes. Leave it unset on a monitored host: whatever runs under that pid is unwatched.")
     hash_executables: bool = Field(
         False, description="Add `process.hash.sha256` of each new executable (cached by path, size and mtime).")
     hash_max_bytes: int = Field(
