@@ -150,8 +150,12 @@ class KafkaSink:
             self._fatal = True
             log.error("Kafka producer fatal error (%s); the producer is recreated and the spool resent", text)
         elif text != self._last_error_logged:
+            # Said once a minute at most with a count (gpusentry.logs.RepeatFilter): an outage is one line, not
+            # two per retry.
             self._last_error_logged = text
-            log.warning("Kafka: %s (messages wait in the spool)", text)
+            log.warning("Kafka at %s: %s; messages wait in the spool and go out when it answers (check "
+                        "kafka.bootstrap_servers and the security settings)", self.config.get("bootstrap.servers"),
+                        text)
 
     def _on_delivery(self, entry: _InFlight) -> Any:
         def report(err: Any, msg: Any) -> None:
@@ -222,6 +226,8 @@ class KafkaSink:
         failed = next((e for e in self._inflight if e.error is not None), None)
         if failed is not None and not self._rewinding:
             self._rewinding = True
+            if self._closed and failed.error == "_PURGE_QUEUE":
+                return  # close() purged what waited: they stay in the spool, as close() then says
             log.warning("Kafka delivery failed (%s): %d message(s) go back to the spool and are resent in order",
                         failed.error, len(self._inflight))
             # Nothing queued behind the failure may overtake it.

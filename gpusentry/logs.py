@@ -36,7 +36,7 @@ class EcsJsonFormatter(logging.Formatter):
 
 
 class RepeatFilter(logging.Filter):
-    """Say a Kafka client's complaint once per ``window_s``, not once per retry.
+    """Say a Kafka client's complaint (and the agent's Kafka sink's) once per ``window_s``, not once per retry.
 
     While a broker is away, aiokafka (and librdkafka, whose lines confluent-kafka hands to the `librdkafka` logger
     instead of printing them) logs every failed connect, metadata update, fetch and heartbeat: hundreds of
@@ -44,7 +44,8 @@ class RepeatFilter(logging.Filter):
     was already shown in the last ``window_s`` is counted instead; the next one shown after the window says how
     many were held back.  Other loggers, and the clients' INFO lines, pass untouched."""
 
-    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "librdkafka"), window_s: float = 60.0) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "librdkafka", "agents.sinks"),
+                 window_s: float = 60.0) -> None:
         super().__init__()
         self.prefixes = prefixes
         self.window_s = window_s

@@ -258,6 +258,11 @@ def test_an_unreachable_broker_is_one_line_per_complaint_not_a_librdkafka_flood(
     assert "%3|" not in text and "|FAIL|" not in text, "librdkafka printed to stderr itself"
     fails = [line for line in text.splitlines() if "librdkafka" in line and "FAIL" in line]
     assert 1 <= len(fails) <= 2, text[-3000:]
+    # Forty cycles against a closed port: the sink's own complaint is said once, naming the address and the fix.
+    sink = [line for line in text.splitlines() if "agents.sinks" in line]
+    assert len(sink) == 2, text[-3000:]  # and once more at the stop, saying what stays in the spool
+    assert "stay in the spool" in sink[1]
+    assert "Kafka at 127.0.0.1:1" in sink[0] and "check kafka.bootstrap_servers" in sink[0]
 
 
 @pytest.mark.broker
