@@ -8,6 +8,8 @@ current incident.  Its severity comes from the independent *kinds* of evidence (
 * each further kind that is at least ``medium`` raises it one step (a GPU behaving like a miner
   *and* pool traffic is worse than either);
 * three or more kinds, however weak each, make it at least ``medium``;
+* tampering (the monitor stopped, defences killed, tracks covered) beside any other kind makes it at least
+  ``high``: covering tracks right after other evidence is what a hijacker does;
 * it never goes down while the incident is open.
 
 So lone weak signals (an odd path, a GPU a little unlike its normal) stay ``low``, and a miner
@@ -29,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from detectors.base import SEVERITIES, SEVERITY_SCORE, Finding
+from detectors.base import SEVERITIES, SEVERITY_SCORE, Finding, Signal
 from gpusentry.contract import Dataset, make_event
 from gpusentry.pricing import price_list
 from gpusentry.settings.detection import DetectionSettings
@@ -123,6 +125,8 @@ def incident_severity(signal_severity: Mapping[str, str]) -> str:
     level = ranks[0] + sum(1 for r in ranks[1:] if r >= 1)
     if len(ranks) >= 3:
         level = max(level, 1)
+    if Signal.TAMPERING in signal_severity and len(ranks) >= 2:
+        level = max(level, SEVERITIES.index("high"))
     return SEVERITIES[min(level, len(SEVERITIES) - 1)]
 
 

@@ -131,9 +131,24 @@ def test_gpu_of_another_process_is_not_charged():
     ({Signal.MINER_PROCESS: "high"}, "high"),
     ({Signal.MINER_PROCESS: "high", Signal.POOL: "high"}, "critical"),
     ({Signal.PROTOCOL: "high", Signal.GPU_SIGNATURE: "medium", Signal.POOL: "high"}, "critical"),
+    ({Signal.TAMPERING: "medium"}, "medium"),  # an agent stopped, nothing else: a maintenance window or worse
+    ({Signal.TAMPERING: "medium", Signal.SUSPICIOUS_PROCESS: "low"}, "high"),  # covering tracks after evidence
+    ({Signal.TAMPERING: "low", Signal.GPU_ANOMALY: "low"}, "high"),
+    ({Signal.TAMPERING: "medium", Signal.MINER_PROCESS: "high"}, "critical"),
 ])
 def test_severity_comes_from_independent_kinds_of_evidence(kinds, expected):
     assert incident_severity(kinds) == expected
+
+
+def test_the_agent_stopped_right_after_weak_evidence_is_a_high_incident():
+    from detectors.process.agent_tampered import _agent
+
+    eng = Engine(DetectionSettings(), strict=True)  # every detector, agent.tampered among them
+    before = run(eng, [_agent(T0, "started"), proc("/root/.toolbox/bin/helper --daemon", t=T0 + 100)])
+    after = run(eng, [_agent(T0 + 130, "stopping", "SIGTERM")])
+    assert [a["gpusentry"]["alert"]["severity"] for a in before] in ([], ["low"])
+    assert after[-1]["gpusentry"]["alert"]["severity"] == "high"
+    assert after[-1]["gpusentry"]["alert"]["signals"] == ["suspicious_process", "tampering"]
 
 
 def test_lone_weak_signal_stays_low_and_below_threshold_is_not_published():

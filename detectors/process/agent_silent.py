@@ -32,7 +32,8 @@ class AgentSilent(AgentHealthDetector):
                    "detection.agent_silent_after_s (120 s) or ten of its intervals, without having said it was "
                    "stopping: the agent was killed or frozen, the host was cut off, or NVML was blocked (then its "
                    "process and network events went on). Reported when the host is heard from again: medium, high "
-                   "when its GPUs were busy just before. A silence that never ends is the monitoring's to see "
+                   "when its GPUs were busy just before; beside any other evidence on the host the incident is at "
+                   "least high. A silence that never ends is the monitoring's to see "
                    "(the GpusentryAgentDown alert).")
     examples: ClassVar[list[Example]] = [
         Example("busy GPU host silent for ten minutes", True,

@@ -60,8 +60,8 @@ class AgentTampered(AgentHealthDetector):
                    "was new too, so the last run's unsent events are gone), found its spool's files removed while "
                    "it ran, or a GPU it watched stopped answering NVML. Stopping the monitor and deleting what it "
                    "had not sent are what a hijacker does first: medium alone, high when the host's GPUs were busy "
-                   "in the last 10 minutes or unsent events were removed; beside other evidence it raises the "
-                   "incident.")
+                   "in the last 10 minutes or unsent events were removed; beside any other evidence on the host the "
+                   "incident is at least high.")
     examples: ClassVar[list[Example]] = [
         Example("agent stopped by SIGTERM", True, [_agent(0, "started"), _agent(60, "stopping", "SIGTERM")]),
         Example("agent started again without having stopped (killed)", True,
