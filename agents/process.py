@@ -331,28 +331,31 @@ class ProcessCollector:
         return events
 
     def _without_ignored(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Drop the events of the ignored tree. Its members are learnt from parents: the events come in fork
-        order (netlink), and the first poll sees every process at once, so it follows the known parents first."""
-        with self._lock:
-            grew = True
-            while grew:
-                grew = False
-                for pid, info in self.known.items():
-                    if pid not in self._ignored and info.ppid in self._ignored:
-                        self._ignored.add(pid)
-                        grew = True
+        """Drop the events of the ignored tree: a process whose known ancestry reaches a member of it is one (and is
+        remembered as one, so its own children are found at once)."""
         kept = []
-        for event in events:
-            proc = event["process"]
-            pid = proc["pid"]
-            if pid in self._ignored or (proc.get("parent") or {}).get("pid") in self._ignored:
-                if event["event"]["type"] == ["end"]:
-                    self._ignored.discard(pid)
-                else:
-                    self._ignored.add(pid)
-                continue
-            kept.append(event)
+        with self._lock:
+            for event in events:
+                proc = event["process"]
+                pid = proc["pid"]
+                if self._in_ignored_tree(pid, (proc.get("parent") or {}).get("pid")):
+                    if event["event"]["type"] == ["end"]:
+                        self._ignored.discard(pid)
+                    else:
+                        self._ignored.add(pid)
+                    continue
+                kept.append(event)
         return kept
+
+    def _in_ignored_tree(self, pid: int, ppid: int | None) -> bool:
+        for _ in range(64):  # deeper than any real process tree; a pid cycle (reuse) ends here too
+            if pid in self._ignored or ppid in self._ignored:
+                return True
+            parent = self.known.get(ppid) if ppid is not None else None
+            if ppid is None or parent is None:
+                return False
+            pid, ppid = ppid, parent.ppid
+        return False
 
     def _drain(self) -> list[dict[str, Any]]:
         out, self._pending = self._pending, []

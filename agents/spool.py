@@ -180,18 +180,26 @@ class Spool:
 
     # ------------------------------------------------------------------ deleted from outside
 
+    def _on_disk(self) -> dict[str, bool] | None:
+        """The spool directory's files, each with whether it is the file this spool writes (same inode: our open
+        file keeps its inode from reuse, so another inode under its name is another file); None: no directory."""
+        try:
+            entries = list(os.scandir(self.dir))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        ours = os.fstat(self._writer.fileno()).st_ino
+        return {entry.name: entry.inode() == ours for entry in entries}
+
     def missing(self) -> str | None:
         """What of the spool was removed behind the agent's back, or None while it is whole.  One directory listing
         and one ``fstat``: tens of microseconds, cheap enough for every cycle."""
-        try:
-            on_disk = {entry.name: entry for entry in os.scandir(self.dir)}
-        except (FileNotFoundError, NotADirectoryError):
+        on_disk = self._on_disk()
+        if on_disk is None:
             return f"the spool directory {self.dir} was removed"
         name = self._name(self._last)
         if name not in on_disk:
             return f"the spool segment {name} was removed"
-        # Our open file keeps its inode from reuse: another inode under its name is another file.
-        if on_disk[name].inode() != os.fstat(self._writer.fileno()).st_ino:
+        if not on_disk[name]:
             return f"the spool segment {name} was replaced by another file"
         gone = sum(1 for seg in self._sizes if self._name(seg) not in on_disk)
         if gone:
@@ -204,19 +212,14 @@ class Spool:
         on from the old ones, so a delivery report for a removed record moves no cursor back."""
         before = self.pending
         self.dir.mkdir(parents=True, exist_ok=True)
+        on_disk = self._on_disk() or {}
         last = self._last
-        path = self.dir / self._name(last)
-        held = os.fstat(self._writer.fileno())
-        try:
-            on_disk = path.stat()
-            current_intact = (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
-        except FileNotFoundError:
-            current_intact = False
+        current_intact = on_disk.get(self._name(last), False)
         self._sizes = {s: n for s, n in self._sizes.items()
-                       if (current_intact if s == last else (self.dir / self._name(s)).exists())}
+                       if (current_intact if s == last else self._name(s) in on_disk)}
         if not current_intact:
             self._writer.close()
-            path.unlink(missing_ok=True)  # a file put in its place is not ours
+            (self.dir / self._name(last)).unlink(missing_ok=True)  # a file put in its place is not ours
             self._sizes[last + 1] = 0
             self._writer = open(self.dir / self._name(last + 1), "ab")  # noqa: SIM115 - closed in close()
         if self.head[0] not in self._sizes:

@@ -110,6 +110,11 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 
 def _explain(errors: Iterable[ErrorDetails], source: str, origin: dict[tuple[str, ...], str]) -> str:
+    return "invalid configuration:\n" + _problems(errors, source, origin)
+
+
+def _problems(errors: Iterable[ErrorDetails], source: str, origin: dict[tuple[str, ...], str]) -> str:
+    """One line per problem, naming the key, where it came from and the fix."""
     lines = []
     for err in errors:
         loc = tuple(str(p) for p in err["loc"])
@@ -124,7 +129,7 @@ def _explain(errors: Iterable[ErrorDetails], source: str, origin: dict[tuple[str
         else:
             shown = "" if "password" in key or "token" in key or "secret" in key else f" (got {err.get('input')!r})"
             lines.append(f"- {key} (from {where}): {err['msg']}{shown}; see docs/config.md for allowed values")
-    return "invalid configuration:\n" + "\n".join(lines)
+    return "\n".join(lines)
 
 
 def find_config_file(explicit: str | Path | None, environ: Mapping[str, str]) -> Path | None:
@@ -212,11 +217,10 @@ def load_config_for(uses: Collection[str] | None, path: str | Path | None = None
     if fatal:
         raise ConfigError(_explain(fatal, source, origin))
     valid = Config.model_validate({k: v for k, v in data.items() if k not in by_section})
-    unused = {name: "invalid:\n" + _explain(errs, source, origin).split("\n", 1)[1]
-              for name, errs in by_section.items()}
+    unused = {name: _problems(errs, source, origin) for name, errs in by_section.items()}
     fields = {name: getattr(valid, name) for name in Config.model_fields if name not in unused}
-    fields.update({name: UnusedInvalidSection(name, problems) for name, problems in unused.items()})
-    return Config.model_construct(**fields), {name: p.split("\n", 1)[1] for name, p in unused.items()}
+    fields.update({name: UnusedInvalidSection(name, "invalid:\n" + problems) for name, problems in unused.items()})
+    return Config.model_construct(**fields), unused
 
 
 def _type_text(annotation: Any) -> str:

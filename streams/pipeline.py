@@ -280,7 +280,7 @@ class Pipeline:
         older one may be stale (the topic's fetches stalled, and records came meanwhile), so it proves nothing."""
         # Called for every waiting topic of every held message: the consumer's clock is read only when needed.
         number = part.number
-        position = max(part.next_offset.get(topic, -1), part.offsets.get(topic, -1), 0)
+        position = max(self._position(topic, part), 0)
         asked = self._broker_ends.get((topic, number))
         end = self.highwater(topic, number) if self.highwater is not None else None
         # End offsets only grow: any view beyond the position, fresh or not, shows records still to come. An empty
@@ -295,11 +295,16 @@ class Pipeline:
         at = self.polled_at(topic, number) if self.polled_at is not None else None
         return at is None or at >= since or now - at <= VIEW_FRESH_S
 
+    @staticmethod
+    def _position(topic: str, part: PartitionState) -> int:
+        """Where the consumer stands in the topic's partition: after the last message delivered here, or else at
+        the restored checkpoint's offset, from where it resumes (-1: not known)."""
+        return max(part.next_offset.get(topic, -1), part.offsets.get(topic, -1))
+
     def _undelivered(self, topic: str, part: PartitionState) -> bool:
         """Whether the broker holds records of ``topic`` for this partition beyond what reached this worker (so
-        they are on their way, however slowly): measured from the last one delivered, or else the restored
-        checkpoint's offset, from where the consumer resumes."""
-        position = max(part.next_offset.get(topic, -1), part.offsets.get(topic, -1))
+        they are on their way, however slowly)."""
+        position = self._position(topic, part)
         asked = self._broker_ends.get((topic, part.number))
         end = self.highwater(topic, part.number) if self.highwater is not None else None
         ends = [e for e in (asked[0] if asked is not None else None, end) if e is not None]
